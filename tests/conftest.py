@@ -2,7 +2,11 @@
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import slurm_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AUDIOTL_SHARED", ROOT.parent / "shared"))
@@ -26,3 +30,19 @@ def audioset_meta() -> Path:
     if not (AUDIOSET_META / "ontology.json").exists():
         pytest.fail(f"real AudioSet metadata not found at {AUDIOSET_META}; set AUDIOTL_SHARED")
     return AUDIOSET_META
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    "A real single-node Slurm cluster on localhost (see tests/slurm_cluster.py); SLURM_CONF is set while it runs."
+    from slurm_cluster import LocalSlurm, ensure_slurm_installed
+    why = ensure_slurm_installed()
+    if why:
+        if os.environ.get("CI"): pytest.fail(why)
+        pytest.skip(why)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), port=16817 + 10 * (os.getpid() % 50)).start()
+    old = os.environ.get("SLURM_CONF"); cluster.activate()
+    yield cluster
+    cluster.stop()
+    if old is None: os.environ.pop("SLURM_CONF", None)
+    else: os.environ["SLURM_CONF"] = old
