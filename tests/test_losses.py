@@ -169,3 +169,13 @@ def test_registry():
     with pytest.raises(UnknownNameError, match="Valid loss names"):
         create_loss("supcontrast")
     assert create_loss("frame_kd", lam=0.5).lam == 0.5
+
+
+def test_supcon_degenerate_batches_follow_pml():
+    # documented PML behaviour: no negative pair (one class) or no positive pair (all distinct) → 0
+    f = torch.randn(6, 8)
+    assert SupConLoss()(f, torch.zeros(6, dtype=torch.long)).item() == 0.0
+    assert SupConLoss()(f, torch.arange(6)).item() == 0.0
+    # anchors without a positive are left out of the mean (L_out is undefined for them)
+    y = torch.tensor([0, 0, 1, 1, 2, 3])
+    assert SupConLoss()(f, y).item() == pytest.approx(_lout_loops(f, y, 0.1), rel=1e-5)
