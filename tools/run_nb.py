@@ -2,7 +2,6 @@
 
     .venv/bin/python tools/run_nb.py nbs/00_core.ipynb [more.ipynb ...]
 """
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ BIN = Path(sys.executable).parent
 
 def run(path: Path, timeout: int = 1800):
     nb = nbformat.read(path, as_version=4)
-    os.environ.setdefault("MPLBACKEND", "Agg")
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     nbformat.write(nb, path)
