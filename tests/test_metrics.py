@@ -151,15 +151,20 @@ def test_median_filter_matches_scipy(rng, mode):
     x = rng.random((5, 250, 30)).astype(np.float32)
     x[:, 100:110] = 0.5  # ties
     for k in (2, 3, 12, 13, 300):
-        np.testing.assert_array_equal(median_filter(x, k, mode), ndimage.median_filter(x, size=(1, k, 1), mode=mode))
+        want = ndimage.median_filter(x, size=(1, k, 1), mode=mode)
+        np.testing.assert_array_equal(median_filter(x, k, mode, backend="torch"), want)
+        np.testing.assert_array_equal(median_filter(x, k, mode), want)
     t = torch.tensor(x[0])
-    np.testing.assert_array_equal(median_filter(t, 12, mode).numpy(), ndimage.median_filter(x[0], size=(12, 1), mode=mode))
+    out = median_filter(t, 12, mode, backend="torch")
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), ndimage.median_filter(x[0], size=(12, 1), mode=mode))
 
 
 def test_median_filter_errors():
     with pytest.raises(ValueError, match=r"\(T, C\)"): median_filter(np.zeros(5), 3)
     with pytest.raises(ValueError, match=">= 1"): median_filter(np.zeros((5, 2)), 0)
     with pytest.raises(UnknownNameError): median_filter(np.zeros((5, 2)), 3, mode="wrapped")
+    with pytest.raises(UnknownNameError, match="backend"): median_filter(np.zeros((5, 2)), 3, backend="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
