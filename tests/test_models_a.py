@@ -278,3 +278,28 @@ def test_frame_pooling_against_numpy():
     p = torch.sigmoid(z).numpy()
     for method, want in (("max", p.max(1)), ("mean", p.mean(1)), ("linsoft", (p ** 2).sum(1) / p.sum(1))):
         np.testing.assert_allclose(torch.sigmoid(pool_frame_logits(z, method)).numpy(), want, atol=1e-6)
+
+
+def test_missing_optional_dependency_is_named(monkeypatch):
+    "A family whose dependency is missing is skipped; asking for an unknown model then names the package."
+    import importlib
+    from audiotl_nb.core import Registry
+    from audiotl_nb.models import core
+    real_import = importlib.import_module
+    def fake_import(name, *a, **kw):
+        if name == "audiotl_nb.models.hf": raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+        if name == "audiotl_nb.models.ssl": raise ModuleNotFoundError(f"No module named {name!r}", name=name)  # absent family
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(core.importlib, "import_module", fake_import)
+    monkeypatch.setattr(core, "MODELS", Registry("model"))
+    monkeypatch.setattr(core, "_IMPORTED", False)
+    monkeypatch.setattr(core, "_UNAVAILABLE", {})
+    with pytest.raises(UnknownNameError) as e: core.create_model("wav2vec2", 2)
+    assert "transformers" in " ".join(getattr(e.value, "__notes__", []))
+    assert core._UNAVAILABLE == {"hf": "transformers"}
+    def broken(name, *a, **kw):  # a genuine bug inside a family module is not hidden
+        if name == "audiotl_nb.models.seq": raise ModuleNotFoundError("No module named 'audiotl_nb.nothing'", name="audiotl_nb.nothing")
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(core.importlib, "import_module", broken)
+    monkeypatch.setattr(core, "_IMPORTED", False)
+    with pytest.raises(ModuleNotFoundError): core.list_models()
