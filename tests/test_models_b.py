@@ -223,3 +223,19 @@ def test_bad_configs():
         HFBackbone(3, kind="data2vec")
     with pytest.raises(ConfigError, match="either hf_config or a pretrained folder"):
         create_model("hubert", 3, hf_config={"hidden_size": 32}, pretrained="x")
+
+
+@pytest.mark.parametrize("backbone,kw,x", [
+    ("cf_tiny", {}, torch.randn(2, 1, 500, 64)),                         # 5 s of 10 ms log-mel frames
+    ("ast", SEQ_TINY["ast"], torch.randn(2, 1, 500, 64)),
+    ("cnn_transformer", SEQ_TINY["cnn_transformer"], torch.randn(2, 1, 500, 64)),
+    ("wav2vec2", "hf", torch.randn(2, 80000) * 0.1),                      # 5 s of 16 kHz audio
+])
+def test_frame_sed_wrapper(backbone, kw, x):
+    "Every sequence model plugs into the frame-level SED wrapper: 5 s → 125 frames of 40 ms."
+    kw = _hf_tiny(backbone) if kw == "hf" else kw
+    sed = create_model("sed", 3, backbone=backbone, backbone_kw=kw, rnn_hidden=8, input_rate=100.0)
+    assert sed.frame_logits(x).shape == (2, 125, 3) and sed(x).shape == (2, 3)
+    sed(x).sum().backward()
+    no_grad = [n for n, p in sed.named_parameters() if p.grad is None and not n.endswith("mask_emb")]
+    assert not no_grad, no_grad
