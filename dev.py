@@ -70,7 +70,7 @@ def sync_check() -> None:
 def test(args) -> None:
     setup()
     sync_check()
-    env = {**os.environ, "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg"}
     rc = sh(PY, "-m", "pytest", *(args or ["-n", "2", "--dist", "loadfile"]), check=False, env=env)
     if rc == 5: sys.exit("FAILED: pytest collected no tests")
     sys.exit(rc)

@@ -8,6 +8,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import slurm_cluster
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: the workers already use every core, and oversubscribed
+    # torch threads make tiny models many times slower
+    import torch
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AUDIOTL_SHARED", ROOT.parent / "shared"))
 AUDIOSET_META = SHARED / "audioset"
