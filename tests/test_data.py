@@ -481,3 +481,23 @@ def test_real_ddp_ranks_take_their_shards(bird, tmp_path):
     ref = list(ClassBalancedSampler(task.label_indices("train"), num_samples=40, n_classes=2))
     assert [x for pair in zip(parts[0][1], parts[1][1]) for x in pair] == ref  # interleaved shards = the global draw
     assert sorted(parts[0][2] + parts[1][2]) == list(range(5))               # dev: each clip once over both ranks
+
+
+def test_store_loader_with_workers_skips_unstorable_files(tmp_path):
+    from audiotl_nb.store import FeatureStore
+    paths = [str(wav(tmp_path / f"{k}.wav", seconds=0.3 + 0.1 * (k % 3), freq=200 + 50 * k)) for k in range(8)]
+    Path(paths[5]).write_bytes(b"RIFF")                                      # corrupt: the store skips it
+    task = Task("t", "single", ["a", "b"], {"train": pd.DataFrame({"path": paths, "label": ["a", "b"] * 4}),
+                                           "test": pd.DataFrame({"path": paths, "label": ["a", "b"] * 4})}, clip_seconds=0.5)
+    store = FeatureStore(tmp_path / "feats", "panns16k")
+    log = tmp_path / "bad.csv"
+    dls = quiet(make_dataloaders, task, bs=4, store=store, num_workers=2, device="cpu", bad_file_log=log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xs = torch.cat([b[0] for b in dls.valid])
+    assert xs.shape == (8, 1, 51, 64) and pd.read_csv(log).path.tolist() == [paths[5]]
+    ref = make_dataloaders(task, bs=8, frontend="panns16k", device="cpu").valid.dataset
+    keep = [t for t in range(51) if not 28 <= t <= 31]                       # 0.3 s clip: 31 frames; not the end ones
+    torch.testing.assert_close(xs[0][:, keep], ref[0][0][:, keep], atol=0.05, rtol=0)
+    with pytest.raises(ConfigError, match="differs from the feature store"):
+        AudioDataset.from_task(task, "test", frontend="panns32k", store=store)
