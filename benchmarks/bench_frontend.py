@@ -14,6 +14,13 @@ throughput. Each timing is the median of several rounds after one warm-up; the m
 round, and both wall-clock and CPU time (process time, all threads) are kept, because a shared machine's load moves
 wall-clock times a lot. Target: >= 5x librosa.
 
+On a machine shared with other jobs, torch's OpenMP threads spin while they wait for a core, and every small
+parallel operation pays for it: the two-thread numbers then fall below the one-thread ones. Running with
+`OMP_WAIT_POLICY=PASSIVE` (threads sleep instead of spinning) shows the difference; that run is kept in
+`results/frontend_omp_passive.json`:
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_frontend.py --out benchmarks/results/frontend_omp_passive.json
+
     .venv/bin/python benchmarks/bench_frontend.py [--batch 32] [--out benchmarks/results/frontend.json]
 """
 import argparse
@@ -45,7 +52,8 @@ def machine() -> dict:
     return dict(platform=platform.platform(), python=platform.python_version(), cpu=cpu, cores=os.cpu_count(),
                 affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                 torch_threads=torch.get_num_threads(), torch=torch.__version__, torchaudio=torchaudio.__version__,
-                librosa=librosa.__version__, numpy=np.__version__, loadavg_start=list(os.getloadavg()))
+                librosa=librosa.__version__, numpy=np.__version__, loadavg_start=list(os.getloadavg()),
+                env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")})
 
 
 def clips(n: int, seed: int = 0) -> torch.Tensor:

@@ -56,7 +56,8 @@ def machine() -> dict:
     return dict(platform=platform.platform(), python=platform.python_version(), cpu=cpu, cores=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), torch=torch.__version__, torchaudio=torchaudio.__version__,
                 soundfile=soundfile.__version__, libsndfile=soundfile.__libsndfile_version__,
-                loadavg_start=list(os.getloadavg()))
+                loadavg_start=list(os.getloadavg()),
+                env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")})
 
 
 def write_clips(folder: Path, n: int, rate: int, fmt: str, seconds: float = 10.0) -> list[Path]:
