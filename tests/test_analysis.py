@@ -245,3 +245,19 @@ def test_label_quality_errors():
     t = A.score_by_label_quality(pd.Series({"a": 0.2, "b": 0.4, "c": 0.9}), {"a": 0.1, "b": 0.6, "c": 0.8},
                                  thresholds=(0.7, 0.5, 0))
     assert t.score.tolist() == pytest.approx([0.9, 0.65, 0.5]) and t.n_classes.tolist() == [1, 2, 3]
+
+
+def test_compare_settings_aso():
+    pytest.importorskip("deepsig")
+    rows = [{"task": "t", "subset": s, "seed": k, "metric": "uar", "value": v + 0.01 * k}
+            for s, v in [("none", 0.5), ("all", 0.8)] for k in range(5)]
+    out = A.compare_settings(pd.DataFrame(rows), test="aso", n_resamples=100, kind=None, split=None)
+    assert len(out) == 1 and out.delta.iloc[0] == pytest.approx(0.3) and out.eps_min.iloc[0] < 0.2
+    assert "p_bonferroni" not in out
+
+
+def test_heatmap_small_distances():
+    d = pd.DataFrame([[0, 1.5e-4], [1.5e-4, 0]], index=["a", "b"], columns=["a", "b"])
+    ax = A.plot_distance_matrix(d)
+    assert sorted(t.get_text() for t in ax.texts) == ["0.0e+00", "0.0e+00", "1.5e-04"]
+    plt.close(ax.figure)
