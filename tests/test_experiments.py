@@ -1,0 +1,207 @@
+"""Run store, grids, executors and the study command: concurrency, stale locks, kill -9 and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from audiotl_nb.core import ConfigError, UnknownNameError
+from audiotl_nb.experiments import (LocalExecutor, OntologyStudy, BackboneStudy, DistillStudy, RunList, RunRecord, RunStore,
+                                    execute_run, grid_main, grid_to_yaml, load_grid, results_table, run_grid, summarise,
+                                    study_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+AUDIOTL = str(Path(sys.executable).parent / "audiotl")
+MICRO = dict(clip_seconds=1.0, n_train=40, n_eval=20, bird_clips=8, kws_speakers=3, scene_cities=1)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("AUDIOTL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _env(**kw):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", **kw}
+
+
+def _executions(store: RunStore, rid: str) -> list[str]:
+    p = store.run_path(rid) / "executions.txt"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def test_grid_expansion_and_yaml_round_trip():
+    st = study_config("tiny")
+    runs = st.runs()
+    pre = [r for r in runs if r.kind == "pretrain"]
+    ft = [r for r in runs if r.kind == "finetune"]
+    assert [r.tags["subset"] for r in pre] == ["animal", "things", "all", "random30"]
+    assert len(ft) == (len(pre) + 1) * len(st.tasks) * len(st.seeds)
+    ids = {r.tags["subset"]: r.id for r in pre}
+    for r in ft:      # every fine-tuning reads its own pre-training's checkpoint, the baseline none
+        want = None if r.tags["subset"] == "none" else f"run:{ids[r.tags['subset']]}/model.pt"
+        assert r.spec["pretrained"] == want and r.deps == ([] if want is None else [ids[r.tags["subset"]]])
+        assert r.spec["clip_seconds"] == 2.0          # the tiny world's clip length
+    assert len({r.id for r in runs}) == len(runs)
+    grid, opts = load_grid(grid_to_yaml(st, store="somewhere"))
+    assert grid == st and [r.id for r in grid.runs()] == [r.id for r in runs]
+    with pytest.raises(UnknownNameError, match="Valid ontology subset names"):
+        study_config("tiny", subsets=["animals"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        OntologyStudy.from_dict({"subset": ["animal"]})
+    with pytest.raises(ConfigError, match="unknown key"):     # trainer specs are checked when the grid is built
+        study_config("tiny", finetune={"epoch": 3}).runs()
+
+
+def test_other_grids():
+    b = BackboneStudy(world="tiny", backbones=[{"name": "scratch", "model": "cnn10", "model_kw": {"width": 0.125}},
+                                               {"name": "pre", "model": "cnn10", "model_kw": {"width": 0.125}, "pretrain": {"epochs": 1}}],
+                      tasks=["speechcommands"], methods=["finetune", "pairtune"], seeds=[1, 2])
+    runs = b.runs()
+    assert [r.kind for r in runs].count("pretrain") == 1 and len(runs) == 1 + 2 * 2 * 2
+    pre_id = runs[0].id
+    assert all(r.deps == [pre_id] for r in runs if r.tags.get("backbone") == "pre" and r.kind != "pretrain")
+    assert all(r.deps == [] for r in runs if r.tags.get("backbone") == "scratch")
+    d = DistillStudy(world="tiny", teacher_seeds=[0, 1], seeds=[0]).runs()
+    teachers = [r.id for r in d if r.kind == "sed"]
+    assert len(teachers) == 2 and d[-1].kind == "distill" and d[-1].deps == teachers
+    with pytest.raises(ConfigError, match="not defined before"):
+        RunList.from_dict({"runs": [{"kind": "toy", "init": "run:later/metrics.json"}, {"name": "later", "kind": "toy"}]}).runs()
+
+
+def test_store_skips_done_runs_and_aggregates(tmp_path):
+    store = RunStore(tmp_path)
+    recs = [RunRecord({"kind": "toy", "seed": s, "noise": nz}, tags={"noise": nz, "seed": s}) for nz in (0.1, 2.0) for s in (1, 2, 3)]
+    res = run_grid(store, recs, LocalExecutor(workers=0, mode="direct"), progress=False)
+    assert res.count("done") == 6 and res.ok
+    again = run_grid(store, recs, LocalExecutor(workers=0, mode="direct"), progress=False)
+    assert again.count("skipped") == 6
+    assert all(len(_executions(store, r.id)) == 1 for r in recs)
+    df = results_table(store)
+    sm = summarise(df).set_index(["noise", "metric"])
+    for nz in (0.1, 2.0):
+        v = df[(df.noise == nz) & (df.metric == "mse")].value.to_numpy()
+        assert sm.loc[(nz, "mse"), "n"] == 3
+        np.testing.assert_allclose(sm.loc[(nz, "mse"), "mean"], v.mean())
+        np.testing.assert_allclose(sm.loc[(nz, "mse"), "std"], v.std(ddof=1))
+    assert sm.loc[(2.0, "mse"), "mean"] > sm.loc[(0.1, "mse"), "mean"]
+
+
+def test_failures_block_dependents_and_retry(tmp_path):
+    store = RunStore(tmp_path)
+    grid = RunList.from_dict({"runs": [{"name": "bad", "kind": "toy", "fail": "once"},
+                                       {"name": "child", "kind": "toy", "init": "run:bad/metrics.json"}]})
+    res = run_grid(store, grid, LocalExecutor(workers=0, mode="direct"), progress=False)
+    bad, child = res.ids
+    assert res.outcomes == {bad: "failed", child: "blocked"} and not res.ok
+    assert store.status(bad) == "failed" and store.status(child) == "pending"
+    assert "asked to fail: once" in store.info(bad)["reason"]
+    # not retried without retry_failed
+    run_grid(store, grid, LocalExecutor(workers=0, mode="direct"), progress=False)
+    assert len(_executions(store, bad)) == 1
+    run_grid(store, grid, LocalExecutor(workers=0, mode="direct"), progress=False, retry_failed=True)
+    assert len(_executions(store, bad)) == 2
+
+
+_HOLD_LOCK = """
+import sys, time
+from audiotl_nb.experiments import RunStore
+lk = RunStore(sys.argv[1]).try_lock(sys.argv[2])
+print("locked" if lk else "busy", flush=True)
+time.sleep(600)
+"""
+
+
+def test_stale_lock_of_killed_process_is_taken_over(tmp_path):
+    store = RunStore(tmp_path)
+    rid = store.add(RunRecord({"kind": "toy", "seed": 5}))
+    p = subprocess.Popen([PY, "-c", _HOLD_LOCK, str(tmp_path), rid], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        assert store.status(rid) == "running" and store.lock_holder(rid)["pid"] == p.pid
+        assert execute_run(store, rid)["outcome"] == "locked"      # a live owner is respected
+    finally:
+        p.send_signal(signal.SIGKILL); p.wait()
+    assert store.lock_holder(rid) is None and store.status(rid) == "pending"
+    assert execute_run(store, rid)["outcome"] == "done"
+    assert len(_executions(store, rid)) == 1
+
+
+def test_two_concurrent_executors_never_run_a_run_twice(tmp_path):
+    f = tmp_path / "grid.yaml"
+    runs = [{"name": "root", "kind": "toy", "seed": 0, "sleep": 1.0}]
+    runs += [{"name": f"r{i}", "kind": "toy", "seed": i + 1, "sleep": 1.0, "init": "run:root/metrics.json"} for i in range(14)]
+    f.write_text(yaml.safe_dump({"grid": "runs", "store": "store", "runs": runs}))
+    cmd = [AUDIOTL, "grid", "run", str(f), "--mode", "direct", "--no-progress"]
+    procs = [subprocess.Popen(cmd + ["--workers", w], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for w in ("0", "0")]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    store = RunStore(tmp_path / "store")
+    ids = store.ids()
+    assert len(ids) == 15 and store.counts()["done"] == 15
+    executions = {rid: _executions(store, rid) for rid in ids}
+    assert all(len(v) == 1 for v in executions.values()), executions
+    pids = {line.split()[1] for v in executions.values() for line in v}
+    assert len(pids) >= 2, f"the executors did not overlap (executing pids: {pids})"
+
+
+def test_grid_cli_status_and_retry(tmp_path, capsys):
+    f = tmp_path / "g.yaml"
+    f.write_text("grid: runs\nruns:\n  - {name: ok, kind: toy}\n  - {name: bad, kind: toy, fail: yes}\n")
+    assert grid_main(["run", str(f), "--mode", "direct", "--workers", "0", "--no-progress"]) == 1
+    store = RunStore(tmp_path / "runs" / "g")              # default store: runs/<file stem> next to the file
+    assert store.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 1}
+    capsys.readouterr()
+    assert grid_main(["status", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "done: 1" in out and "failed: 1" in out and "asked to fail" in out
+    assert grid_main(["retry", str(f), "--mode", "direct", "--workers", "0", "--no-progress"]) == 1
+    bad = [r for r in store.ids() if store.status(r) == "failed"][0]
+    assert len(_executions(store, bad)) == 2
+
+
+def test_kill_study_midway_then_resume(tmp_path):
+    "SIGKILL the whole process group of `audiotl study` during a run, start it again: finished runs are not redone."
+    from audiotl_nb.synth import world_config
+    cfg = tmp_path / "study.yaml"
+    st = study_config("tiny", world=world_config("tiny", **MICRO).to_dict(), subsets=["animal"], include_all=False,
+                      random_fractions=[], pretrain={"epochs": 2, "bs": 8}, finetune={"epochs": 3, "bs": 8})
+    cfg.write_text(grid_to_yaml(st))
+    store = tmp_path / "store"
+    cmd = [AUDIOTL, "study", "--config", str(cfg), "--store", str(store), "--no-report", "--workers", "1",
+           "--no-progress"]
+    p = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rs = RunStore(store)
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 240:       # kill once a run is done and another one is running
+            ids = rs.ids() if rs.runs_dir.exists() else []
+            c = rs.counts(ids) if ids else {}
+            if c.get("done", 0) >= 1 and c.get("running", 0) >= 1: break
+            assert p.poll() is None, p.stdout.read()
+            time.sleep(0.2)
+        else: pytest.fail("the study did not get going in time")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+    time.sleep(1.5)        # kernels/workers notice their parent is gone
+    done_before = {r: (rs.run_path(r) / "metrics.json").stat().st_mtime_ns for r in rs.ids() if rs.run_dir(r).status == "done"}
+    interrupted = [r for r in rs.ids() if rs.info(r)["reason"] == "interrupted"]
+    assert done_before and interrupted
+    assert all(rs.status(r) == "pending" for r in interrupted)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert rs.counts() == {"pending": 0, "running": 0, "done": len(st.runs()), "failed": 0}
+    for rid, mtime in done_before.items():     # finished runs untouched, executed once
+        assert (rs.run_path(rid) / "metrics.json").stat().st_mtime_ns == mtime
+        assert (rs.run_path(rid) / "log.txt").read_text().count("executing ") == 1
+    for rid in interrupted:
+        assert (rs.run_path(rid) / "log.txt").read_text().count("executing ") == 2
+    df = results_table(rs)
+    assert set(df[df.kind == "finetune"].subset) == {"none", "animal"}
