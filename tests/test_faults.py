@@ -208,6 +208,10 @@ def test_run_completes_with_missing_and_broken_clips(damaged_run):
     text = "\n".join(said)
     assert "3 of 60 listed clips are missing" in text
     for p in broken: assert f"skipping unreadable audio {p}" in text, f"{p} was skipped without a word"
+    from audiotl_nb.data import get_task     # the task's own manifest names the missing clips and their splits
+    task = get_task("dcase2018_bad", json.loads((Path(res.run_dir) / "spec.json").read_text())["root"])
+    assert sorted(task.missing.path) == sorted(removed) and set(task.missing.reason) == {"missing"}
+    assert set(task.missing.split) <= {"train", "dev", "test"} and "test" in set(task.missing.split)
 
 
 @pytest.mark.xfail(strict=True, reason="the trainers record no manifest of skipped clips: Task.missing (clips listed but "
