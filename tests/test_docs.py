@@ -257,3 +257,14 @@ def test_checker_finds_broken_links_images_and_script_errors(tmp_path):
     assert "missing anchor index.html#no-such-anchor" in msgs
     assert "image figures/missing.png did not load" in msgs
     assert "undefinedFunction" in msgs
+
+
+def test_quarto_configuration_stays_valid():
+    "Readers with Quarto use nbdev's pipeline: its configuration parses and the files it names exist."
+    q = yaml.safe_load((NBS / "_quarto.yml").read_text())
+    assert q["project"]["type"] == "website"
+    for f in q.get("metadata-files", []):
+        assert (NBS / f).is_file(), f"_quarto.yml names {f}, which is missing"
+        yaml.safe_load((NBS / f).read_text())
+    side = yaml.safe_load((NBS / "sidebar.yml").read_text())["website"]["sidebar"]["contents"]
+    assert side[0] == "index.ipynb"
