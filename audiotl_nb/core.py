@@ -84,8 +84,10 @@ class Registry:
         "Register `obj` under `name`; usable as a decorator (`@reg.register('name')`)."
         def _reg(o):
             key = name or getattr(o, "__name__", None)
-            if key in self._items and self._items[key] is not o:
-                raise ConfigError(f"{self.kind} {key!r} is already registered")
+            prev = self._items.get(key)
+            if prev is not None and prev is not o and getattr(prev, "__qualname__", None) != getattr(o, "__qualname__", object()):
+                raise ConfigError(f"{self.kind} {key!r} is already registered to {prev!r}")
+            # the same definition seen again (a notebook re-run, or its exported module imported) replaces it
             self._items[key] = o
             return o
         return _reg(obj) if obj is not None else _reg
