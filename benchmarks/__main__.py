@@ -86,8 +86,8 @@ def rows_frontend(r: dict) -> list[Row]:
 
 
 def rows_train_step(r: dict) -> list[Row]:
-    b = r.get("bound") or _load_bound(r)
-    return [Row("train_step", f"trainer/plain samples/s ({r.get('model', 'cnn10')})", r.get("ratio"), "x", 0.9, bound=b),
+    b = f"{r.get('model', 'cnn10')}, {r.get('torch_threads', '?')} torch thread(s); " + (r.get("bound") or _load_bound(r))
+    return [Row("train_step", "trainer/plain training samples/s", r.get("ratio"), "x", 0.9, bound=b),
             Row("train_step", "  per CPU-second", r.get("ratio_cpu_time"), "x", 0.9, bound=b),
             Row("train_step", "  whole epoch (dev metrics, checkpoints)", r.get("ratio_whole_epoch"), "x", None, bound=b)]
 
@@ -104,7 +104,7 @@ def rows_ontology(r: dict) -> list[Row]:
     return [Row("ontology", f"parse {rows_n:,} rows + all subsets" if rows_n else "parse + all subsets",
                 _get(r, "repeated", "total_s"), "s", r.get("limit_s", 15.0), "<=", b),
             Row("ontology", "  distinct label sets (stress)", _get(r, "distinct", "total_s"), "s", None, "<=",
-                f"CPU {_get(r, 'distinct', 'total_cpu_s', default=float('nan')):.1f} s")]
+                f"stress variant CPU {_get(r, 'distinct', 'total_cpu_s', default=float('nan')):.1f} s")]
 
 
 def rows_metrics(r: dict) -> list[Row]:
@@ -301,17 +301,20 @@ def report(summary: dict, rows: list[Row]) -> str:
              f"- load average before / after all benchmarks: {summary['loadavg_before']} / {summary['loadavg_after']}"
              " (1, 5, 15 min; above the core count, processes wait for a core)",
              f"- scheduler autogroups: {m.get('sched_autogroup_enabled')} (1: CPU is shared fairly between sessions, not processes)",
-             "", "## Results", "", table(rows, markdown=True), "", "## What bounds each number", ""]
+             "", "## Results", "", table(rows, markdown=True), ""]
+    if summary.get("notes"): lines += ["## Findings", "", *[f"- {n}" for n in summary["notes"]], ""]
+    lines += ["## What bounds each number", ""]
     seen = set()
     for r in rows:
         if r.bound and (r.benchmark, r.bound) not in seen:
             seen.add((r.benchmark, r.bound)); lines.append(f"- **{r.benchmark}**: {r.bound}")
+    notes = {k: b["notes"] for k, b in summary["benchmarks"].items() if b.get("notes")}
+    if notes:
+        lines += ["", "## Method notes (from the results)", ""] + [f"- **{k}**: {v}" for k, v in notes.items()]
     lines += ["", "## Runs", ""]
     for name, b in summary["benchmarks"].items():
         lines.append(f"- `{name}`: {b['status']}" + (f" in {b['seconds']} s" if b.get("seconds") is not None else "")
                      + (f", measured {b['measured']}" if b.get("measured") else "") + (f" ({b['args']})" if b.get("args") else ""))
-    notes = summary.get("notes") or []
-    if notes: lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     lines += ["", "Reproduce: `.venv/bin/python -m benchmarks` (all), `.venv/bin/python -m benchmarks train_step grid` (some), "
               "`--quick` for a fast check; each `benchmarks/bench_<name>.py` documents its method in its docstring.", ""]
     return "\n".join(lines)
@@ -367,6 +370,7 @@ def main(argv=None) -> int:
             summary["benchmarks"][n] = dict(status="from file (not run now)")
         if res is not None:
             summary["benchmarks"][n]["measured"] = res.get("when") or res.get("date") or _get(res, "machine", "date") or ""
+            if isinstance(res.get("notes"), str): summary["benchmarks"][n]["notes"] = res["notes"]
         rows += rows_for(b, res, runs.get(n))
     summary["loadavg_after"] = loadavg()
     summary["rows"] = [r.to_dict() for r in rows]

@@ -44,9 +44,11 @@ def test_table_text_and_markdown():
 
 
 def test_rows_from_results():
-    ts = {"model": "cnn10 width 0.25", "ratio": 0.95, "ratio_cpu_time": 1.0, "ratio_whole_epoch": 0.9, "bound": "load 9"}
+    ts = {"model": "cnn10 width 0.25", "ratio": 0.95, "ratio_cpu_time": 1.0, "ratio_whole_epoch": 0.9, "bound": "load 9",
+          "torch_threads": 1}
     rows = rows_for(KNOWN["train_step"], ts, {"status": "ok"})
-    assert [r.value for r in rows] == [0.95, 1.0, 0.9] and rows[0].met is True and rows[0].bound == "load 9"
+    assert [r.value for r in rows] == [0.95, 1.0, 0.9] and rows[0].met is True and rows[2].met is None
+    assert rows[0].bound == "cnn10 width 0.25, 1 torch thread(s); load 9"
     gpu = rows_for(KNOWN["gpu"], {"skipped": True, "reason": "no CUDA device"}, None)
     assert len(gpu) == 1 and gpu[0].value is None and gpu[0].bound == "no CUDA device"
     # a failed run: one row saying so; a failed run with an older file: the old numbers, marked stale
