@@ -343,7 +343,8 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     report_path = a.report or (results / "RESULTS.md" if a.quick else HERE / "RESULTS.md")
     names = a.names or list(benches)
-    logs = Path(tempfile.mkdtemp(prefix="benchmarks_logs_"))
+    logs = results / "logs" if a.quick else Path(tempfile.mkdtemp(prefix="benchmarks_logs_"))   # not kept in the repo
+    logs.mkdir(parents=True, exist_ok=True)
     summary = dict(quick=a.quick, machine=machine_summary(), loadavg_before=loadavg(), timeout_s=a.timeout,
                    results_dir=str(results), benchmarks={}, notes=list(a.note))
     runs = {}
