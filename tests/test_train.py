@@ -150,6 +150,8 @@ def test_frontend_mismatch_is_refused(pretrained, world, tmp_path):
     assert "'n_mels': 64" in str(e.value) and "'n_mels': 32" in str(e.value)
     st = json.loads((tmp_path / "a" / "status.json").read_text())["status"]
     assert st.startswith("failed: CheckpointError: front-end mismatch")
+    with pytest.raises(CheckpointError, match="holds a 'cnn10' model but the spec asks for 'cf_tiny'"):
+        finetune({**spec, "model": "cf_tiny", "model_kw": {}}, tmp_path / "b")
 
 
 def test_panns_and_autrainer_states(world, tmp_path):
@@ -183,8 +185,9 @@ def test_nonfinite_loss_stops_the_run(world, tmp_path):
 
 def test_feature_store_run(world, tmp_path, monkeypatch):
     monkeypatch.setenv("AUDIOTL_CACHE", str(tmp_path / "cache"))
-    r = finetune(bad_task(world, epochs=1, features="store"), tmp_path / "s")
+    r = finetune(bad_task(world, epochs=1, features="store", max_train=10), tmp_path / "s")
     assert r.status == "done" and any((tmp_path / "cache" / "features").iterdir())
+    assert r.metrics["n_train"] == 10
 
 
 # --- resume after kill -9 ---------------------------------------------------------------------------------------

@@ -18,13 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..audio import create_frontend
 from ..core import (AudiotlError, CheckpointError, ConfigError, Config, Registry, RunDir, atomic_torch_save,
-                    atomic_write_text, check_name, get_device, read_json, seed_everything, spec_hash)
+                    atomic_write_text, check_name, get_device, seed_everything)
 from ..data import SamplerEpochCallback, Task, get_task, make_dataloaders
 from ..losses import BalancedCE, BCEWithLogits
 from ..metrics import CLIP_METRICS, get_metric, median_filter, psds1
@@ -49,8 +48,8 @@ __all__ = ['SCHEDULES', 'OPTIMIZERS', 'KEEP', 'FEATURES', 'LOSS_NAMES', 'SPECS',
            'set_rng_state', 'read_resume_checkpoint', 'RunRecorder', 'make_optimizer_func', 'param_groups', 'fit_run',
            'TrainResult', 'managed_run', 'finished_result', 'task_from_spec', 'frontend_from_spec',
            'dataloaders_from_spec', 'load_state_except_head', 'read_checkpoint_file', 'load_pretrained',
-           'model_from_spec', 'make_loss', 'metrics_for', 'augment_from_spec', 'supervised_run', 'pretrain', 'finetune',
-           'run_spec', 'train_main']
+           'model_from_spec', 'make_loss', 'metrics_for', 'augment_from_spec', 'setup_run', 'supervised_run',
+           'pretrain', 'finetune', 'register_trainer', 'run_spec', 'train_main']
 
 # %% ../../nbs/08_train.ipynb #3e94c3fa
 def _steps(v, total: int) -> int:
@@ -213,6 +212,7 @@ class TrainSpec(Config):
     amp: bool = False                    # mixed precision (CUDA only; ignored on the CPU)
     channels_last: bool = False          # channels-last memory format (CUDA only; ignored on the CPU)
     num_workers: int = 0
+    num_threads: int | None = None       # torch CPU threads for this run (None: leave as is)
     checkpoint_every: int = 1            # epochs between resume checkpoints
     keep_checkpoints: bool = False       # keep last.pt/best.pt after a successful run
 
@@ -540,7 +540,10 @@ def read_resume_checkpoint(path) -> dict | None:
     path = Path(path)
     if not path.exists(): return None
     try: return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception: return None   # a torn file cannot happen with atomic writes; anything else: start afresh
+    except Exception as e:   # atomic writes leave no torn files; anything else: say so and start afresh
+        import warnings
+        warnings.warn(f"cannot read the resume checkpoint {path} ({type(e).__name__}: {e}); training from the start")
+        return None
 
 # %% ../../nbs/08_train.ipynb #ef240d0d
 def _better(value, best, metric: str) -> bool:
@@ -706,8 +709,14 @@ class TrainResult:
         return f"TrainResult({str(self.run_dir)!r}, {self.status!r}, test: {t or '-'})"
 
 
+def _stored_spec(d: dict | None, spec: TrainSpec) -> dict | None:
+    "A stored spec dict completed with today's defaults (fields added since it was written)."
+    if d is None: return None
+    try: return type(spec).from_dict(d).to_dict()
+    except Exception: return d
+
 def _check_spec(rd: RunDir, spec: TrainSpec, force: bool):
-    old = rd.spec
+    old = _stored_spec(rd.spec, spec)
     if old is None or old == spec.to_dict(): return
     if not force:
         diff = sorted(k for k in set(old) | set(spec.to_dict()) if old.get(k) != spec.to_dict().get(k))
@@ -757,7 +766,7 @@ def finished_result(spec: TrainSpec, run_dir, force: bool = False) -> TrainResul
     "The stored result if `run_dir` holds a finished run of `spec` (and not `force`)."
     if force or not (Path(run_dir) / RunDir.status_file).exists(): return None
     rd = RunDir(run_dir)
-    if rd.is_done and rd.spec == spec.to_dict(): return TrainResult.load(rd.path)
+    if rd.is_done and _stored_spec(rd.spec, spec) == spec.to_dict(): return TrainResult.load(rd.path)
     return None
 
 # %% ../../nbs/08_train.ipynb #300505ad
@@ -837,7 +846,10 @@ def load_pretrained(spec: TrainSpec, n_classes: int, frontend, allow_missing: Se
             model = create_model(name, n_classes, frontend=frontend, **{**cfg, **spec.model_kw}); target = model
         else:   # e.g. a frame-level SED model around a pre-trained backbone
             model = create_model(spec.model, n_classes, frontend=frontend, **spec.model_kw)
-            target = getattr(model, "backbone", model)
+            if not hasattr(model, "backbone"):
+                raise CheckpointError(f"checkpoint {path} holds a {name!r} model but the spec asks for {spec.model!r}; "
+                                      f"use model='auto' (or {name!r}) to start from it")
+            target = model.backbone
         info = load_state_except_head(target, obj["state_dict"], f"checkpoint {path}", allow_missing)
         return model, {"pretrained": str(path), "source": "audiotl_nb", "pretrained_model": name, **info}
     cls = MODELS.get(spec.model) if spec.model in list_models() else None
@@ -882,6 +894,12 @@ def augment_from_spec(spec: TrainSpec):
     return p.get("wave"), p.get("spec")
 
 # %% ../../nbs/08_train.ipynb #ede858c0
+def setup_run(spec: TrainSpec):
+    "Seed every generator (deterministic algorithms if asked) and set the CPU threads of a run."
+    if spec.num_threads: torch.set_num_threads(int(spec.num_threads))
+    seed_everything(spec.seed, spec.deterministic)
+
+
 def _write_metrics(rd: RunDir, spec: TrainSpec, task: Task, out: dict, metric: str, t0: float, **extra) -> dict:
     m = {"kind": spec.kind, "task": task.name, "metric": metric, "best_epoch": out["best_epoch"],
          "epochs": len(out["history"]), "n_train": len(task.items("train")),
@@ -896,7 +914,7 @@ def supervised_run(spec: TrainSpec, run_dir, force: bool = False, verbose: bool 
     if done is not None: return done
     t0 = time.time()
     with distributed(), managed_run(spec, run_dir, force) as rd:
-        seed_everything(spec.seed, spec.deterministic)
+        setup_run(spec)
         task = task_from_spec(spec)
         fe = frontend_from_spec(spec)
         dls = dataloaders_from_spec(spec, task, fe)
@@ -932,6 +950,8 @@ def finetune(spec: FinetuneSpec | dict | None = None, run_dir=None, force: bool 
 
 def _as_spec(spec, cls, overrides: dict):
     if spec is None: spec = cls()
+    if isinstance(spec, TrainSpec) and not isinstance(spec, cls) and spec.kind == cls._kind:
+        spec = spec.to_dict()   # the same kind's spec from another copy of the class (a notebook's)
     if isinstance(spec, dict): spec = cls.from_dict({"kind": cls._kind, **spec})
     if not isinstance(spec, cls): raise ConfigError(f"expected a {cls.__name__}, got {type(spec).__name__}")
     return spec.replace(**overrides) if overrides else spec
@@ -943,8 +963,17 @@ def _run_dir(spec: TrainSpec, run_dir) -> Path:
 
 # %% ../../nbs/08_train.ipynb #0d2c0d0f
 TRAINERS = Registry("trainer")
-TRAINERS.register("pretrain", pretrain)
-TRAINERS.register("finetune", finetune)
+
+def register_trainer(kind: str, fn: Callable) -> Callable:
+    "Register `fn(spec, run_dir, force=, verbose=, cbs=)` as the trainer of `kind` (a re-run definition replaces itself)."
+    old = TRAINERS._items.get(kind)
+    if old is not None and getattr(old, "__qualname__", None) == getattr(fn, "__qualname__", None):
+        TRAINERS._items[kind] = fn
+        return fn
+    return TRAINERS.register(kind, fn)
+
+register_trainer("pretrain", pretrain)
+register_trainer("finetune", finetune)
 
 def run_spec(spec: dict | TrainSpec, run_dir, force: bool = False, verbose: bool = False, cbs=()) -> TrainResult:
     "Run the trainer of `spec['kind']` (see `TRAINERS`) with `spec` in `run_dir`."

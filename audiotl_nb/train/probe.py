@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 from torch import nn
 
-from ..core import ConfigError, RunDir, atomic_write_text, seed_everything
+from ..core import ConfigError, atomic_write_text
 from ..data import Task, make_dataloader
 from ..losses import SupConLoss
-from ..models.core import freeze_backbone, save_checkpoint
-from .core import (TRAINERS, TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
+from ..models.core import save_checkpoint
+from .core import (TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
                                    compute_metrics, dataloaders_from_spec, distributed, finished_result, fit_run,
                                    frontend_detached, frontend_from_spec, is_main_process, managed_run, metrics_for,
-                                   model_from_spec, predict, register_spec, task_from_spec, train_device)
+                                   model_from_spec, predict, register_spec, register_trainer, setup_run, task_from_spec,
+                                   train_device)
 
 # %% auto #0
 __all__ = ['LinearProbeSpec', 'embeddings', 'fit_logistic', 'set_head', 'probe_head', 'linear_probe', 'PairTuneSpec', 'Projected',
@@ -125,7 +126,7 @@ def linear_probe(spec: LinearProbeSpec | dict | None = None, run_dir=None, force
     if done is not None: return done
     t0 = time.time()
     with distributed(), managed_run(spec, run_dir, force) as rd:
-        seed_everything(spec.seed, spec.deterministic)
+        setup_run(spec)
         task = task_from_spec(spec)
         fe = frontend_from_spec(spec)
         model, info = model_from_spec(spec, task.n_classes, fe)
@@ -143,7 +144,7 @@ def linear_probe(spec: LinearProbeSpec | dict | None = None, run_dir=None, force
                            n_features=res["n_features"])
     return TrainResult(Path(run_dir), "done", m, pd.DataFrame(res["history"]))
 
-TRAINERS.register("linear_probe", linear_probe)
+register_trainer("linear_probe", linear_probe);
 
 # %% ../../nbs/08a_train.probe.ipynb #8934ce10
 @register_spec
@@ -193,7 +194,7 @@ def pairtune(spec: PairTuneSpec | dict | None = None, run_dir=None, force: bool 
     if done is not None: return done
     t0 = time.time()
     with distributed(), managed_run(spec, run_dir, force) as rd:
-        seed_everything(spec.seed, spec.deterministic)
+        setup_run(spec)
         task = task_from_spec(spec)
         if task.kind != "single": raise ConfigError(f"PairTune needs a single-label task; {task.name!r} is {task.kind!r}")
         if spec.features != "online": raise ConfigError("PairTune computes features online (features='online')")
@@ -224,4 +225,4 @@ def pairtune(spec: PairTuneSpec | dict | None = None, run_dir=None, force: bool 
         m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), C=res["C"])
     return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
 
-TRAINERS.register("pairtune", pairtune)
+register_trainer("pairtune", pairtune);

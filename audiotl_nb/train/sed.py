@@ -7,7 +7,6 @@ Docs: https://audiotl.github.io/audiotl_nb/train.sed.html.md"""
 # %% ../../nbs/08c_train.sed.ipynb #9aae6cf9
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,11 +25,11 @@ from ..core import CheckpointError, ConfigError, DataError, atomic_write_json, r
 from ..data import AudioDataset, SamplerDL, TaskDataLoaders, make_dataloader, make_train_sampler
 from ..losses import FrameKDLoss
 from ..models.core import model_from_checkpoint, param_groups_lrd, save_checkpoint
-from .core import (TRAINERS, TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
+from .core import (TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
                                    augment_from_spec, dataloaders_from_spec, dist_rank, distributed, finished_result,
                                    fit_run, frontend_detached, frontend_from_spec, is_main_process, make_loss,
                                    managed_run, metrics_for, model_from_spec, param_groups, predict, register_spec,
-                                   task_from_spec, train_device)
+                                   register_trainer, setup_run, task_from_spec, train_device)
 
 # %% auto #0
 __all__ = ['SEDSpec', 'FrameLogits', 'sed_train', 'ensemble_logits', 'TeacherDataset', 'DistillSpec', 'KDObjective',
@@ -79,7 +78,7 @@ def sed_train(spec: SEDSpec | dict | None = None, run_dir=None, force: bool = Fa
     if done is not None: return done
     t0 = time.time()
     with distributed(), managed_run(spec, run_dir, force) as rd:
-        seed_everything(spec.seed, spec.deterministic)
+        setup_run(spec)
         task = task_from_spec(spec)
         if task.kind != "frames": raise ConfigError(f"sed_train needs a task with frame labels; {task.name!r} is {task.kind!r}")
         fe = frontend_from_spec(spec)
@@ -99,7 +98,7 @@ def sed_train(spec: SEDSpec | dict | None = None, run_dir=None, force: bool = Fa
         m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), base_lrs=out["base_lrs"])
     return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
 
-TRAINERS.register("sed", sed_train)
+register_trainer("sed", sed_train);
 
 # %% ../../nbs/08c_train.sed.ipynb #bd68a27a
 def ensemble_logits(teachers: Sequence[str], task, split: str, frontend, spec, out_dir) -> np.ndarray:
@@ -205,7 +204,7 @@ def distill(spec: DistillSpec | dict | None = None, run_dir=None, force: bool = 
     if done is not None: return done
     t0 = time.time()
     with distributed(), managed_run(spec, run_dir, force) as rd:
-        seed_everything(spec.seed, spec.deterministic)
+        setup_run(spec)
         task = task_from_spec(spec)
         if task.kind != "frames": raise ConfigError(f"distill needs a task with frame labels; {task.name!r} is {task.kind!r}")
         fe = frontend_from_spec(spec)
@@ -229,4 +228,4 @@ def distill(spec: DistillSpec | dict | None = None, run_dir=None, force: bool = 
                            teachers=[str(t) for t in spec.teachers])
     return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
 
-TRAINERS.register("distill", distill)
+register_trainer("distill", distill);

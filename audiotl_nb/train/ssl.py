@@ -15,13 +15,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core import ConfigError, seed_everything
+from ..core import ConfigError
 from ..losses import ConsistencyLoss, Wav2Vec2ContrastiveLoss
 from ..models.core import save_checkpoint
-from .core import (TRAINERS, TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
+from .core import (TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
                                    augment_from_spec, dataloaders_from_spec, distributed, finished_result, fit_run,
                                    frontend_detached, frontend_from_spec, is_main_process, make_loss, managed_run,
-                                   metrics_for, model_from_spec, register_spec, task_from_spec)
+                                   metrics_for, model_from_spec, register_spec, register_trainer, setup_run, task_from_spec)
 
 # %% auto #0
 __all__ = ['SSLSpec', 'MaskedContrastive', 'ContrastiveObjective', 'ssl_pretrain', 'SSLFinetuneSpec', 'ConsistencyObjective',
@@ -74,7 +74,7 @@ def ssl_pretrain(spec: SSLSpec | dict | None = None, run_dir=None, force: bool =
     if done is not None: return done
     t0 = time.time()
     with distributed(), managed_run(spec, run_dir, force) as rd:
-        seed_everything(spec.seed, spec.deterministic)
+        setup_run(spec)
         task = task_from_spec(spec)
         fe = frontend_from_spec(spec)
         model, info = model_from_spec(spec, task.n_classes, fe)
@@ -93,7 +93,7 @@ def ssl_pretrain(spec: SSLSpec | dict | None = None, run_dir=None, force: bool =
         m = _write_metrics(rd, spec, task, out, "loss", t0, base_lrs=out["base_lrs"])
     return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
 
-TRAINERS.register("ssl_pretrain", ssl_pretrain)
+register_trainer("ssl_pretrain", ssl_pretrain);
 
 # %% ../../nbs/08b_train.ssl.ipynb #f7010a1c
 @register_spec
@@ -138,7 +138,7 @@ def ssl_finetune(spec: SSLFinetuneSpec | dict | None = None, run_dir=None, force
     if done is not None: return done
     t0 = time.time()
     with distributed(), managed_run(spec, run_dir, force) as rd:
-        seed_everything(spec.seed, spec.deterministic)
+        setup_run(spec)
         task = task_from_spec(spec)
         fe = frontend_from_spec(spec)
         pooling = spec.pooling if spec.pooling != "auto" else ("linsoft" if task.kind == "multi" else "mean")
@@ -162,4 +162,4 @@ def ssl_finetune(spec: SSLFinetuneSpec | dict | None = None, run_dir=None, force
         m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), base_lrs=out["base_lrs"])
     return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
 
-TRAINERS.register("ssl_finetune", ssl_finetune)
+register_trainer("ssl_finetune", ssl_finetune);
