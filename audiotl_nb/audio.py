@@ -19,6 +19,7 @@ from typing import Iterable
 
 import numpy as np
 import soundfile as sf
+import threading
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -262,12 +263,17 @@ class Frontend(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.config.items() if k not in ("type",) + NORM_KEYS)
 
 # %% ../nbs/02_audio.ipynb #74a74dea
+_DTYPE_LOCK = threading.RLock()
+
 @contextmanager
 def _default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try: yield
-    finally: torch.set_default_dtype(old)
+    "Temporarily change torch's (process-global) default dtype; serialised so concurrent builders never leak it."
+    with _DTYPE_LOCK:
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try: yield
+        finally: torch.set_default_dtype(old)
+
 
 def mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max, mel_scale="slaney", norm="slaney") -> torch.Tensor:
     "Mel filter bank (n_fft // 2 + 1, n_mels) from torchaudio, computed in float64, returned as float32."
