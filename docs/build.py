@@ -23,6 +23,7 @@ import base64
 import functools
 import html
 import importlib
+import importlib.util
 import json
 import re
 import shutil
@@ -585,9 +586,20 @@ class Site:
         return self
 
 
+REQUIRED = {"markdown_it": "markdown-it-py", "mdit_py_plugins": "mdit-py-plugins", "pygments": "pygments",
+            "jinja2": "jinja2", "latex2mathml": "latex2mathml", "nbdev": "nbdev", "yaml": "pyyaml"}
+
+
+def check_requirements():
+    "Fail early, naming the pip packages, when a package the build needs is missing."
+    missing = [pkg for mod, pkg in REQUIRED.items() if importlib.util.find_spec(mod) is None]
+    if missing: raise BuildError(f"the docs build needs {', '.join(missing)}: pip install {' '.join(missing)}")
+
+
 def build(out: Path | str | None = None, nbs: Path | str | None = None, exclude=(), strict: bool = False,
           quiet: bool = False) -> Site:
     "Build the site from the notebooks in `nbs` (default: nbdev's nbs_path) into `out` (default: nbdev's doc_path)."
+    check_requirements()
     cfg = _nbdev_config()
     nbs = Path(nbs) if nbs else Path(cfg.nbs_path)
     out = Path(out) if out else Path(cfg.doc_path)
@@ -618,7 +630,10 @@ def main(argv=None) -> int:
         print(f"docs build failed: {e}", file=sys.stderr); return 1
     rc = 0
     if a.check:
-        from docs.check import check_site
+        from docs.check import check_site, ensure_chromium
+        reason = ensure_chromium()
+        if reason:
+            print(f"cannot check the site: {reason}", file=sys.stderr); return 2
         report = check_site(site.out)
         print(report.summary())
         rc = 0 if report.ok else 1
