@@ -154,6 +154,12 @@ def test_frontend_mismatch_is_refused(pretrained, world, tmp_path):
         finetune({**spec, "model": "cf_tiny", "model_kw": {}}, tmp_path / "b")
 
 
+def test_bad_metric_names_fail_before_training(world, tmp_path):
+    with pytest.raises(ConfigError, match="psds1 needs frame labels"): finetune(bad_task(world, metrics=["psds1"]), tmp_path / "a")
+    with pytest.raises(UnknownNameError, match="uaf1"): finetune(bad_task(world, metric="uaf"), tmp_path / "b")
+    assert not (tmp_path / "a" / "history.csv").exists()
+
+
 def test_panns_and_autrainer_states(world, tmp_path):
     "Third-party Cnn10 states: PANNs (with its STFT/mel extractor, checked against the front-end) and autrainer ('out')."
     from audiotl_nb.audio import create_frontend

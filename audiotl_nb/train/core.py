@@ -881,9 +881,12 @@ def make_loss(name: str, task: Task) -> nn.Module:
 
 def metrics_for(spec: TrainSpec, task: Task) -> tuple[list[str], str]:
     "The tracked metrics and the best-epoch metric of `spec` for `task`."
-    names = list(spec.metrics) or DEFAULT_METRICS[task.kind]
+    names = list(spec.metrics or DEFAULT_METRICS[task.kind])   # a copy: the defaults stay untouched
     metric = names[0] if spec.metric == "auto" else spec.metric
     if metric != "loss" and metric not in names: names.append(metric)
+    for n in names:   # fail now rather than after the first epoch
+        if n == "psds1" and task.kind != "frames": raise ConfigError(f"psds1 needs frame labels; task {task.name!r} is {task.kind!r}")
+        if n != "psds1": check_name(n, CLIP_METRICS, "metric")
     return names, metric
 
 def augment_from_spec(spec: TrainSpec):
