@@ -264,6 +264,13 @@ def make_markdown():
     return md
 
 
+def inline_text(token) -> str:
+    "The words of an inline markdown token: text, code and math content without the markup."
+    if not token.children: return token.content
+    return "".join(c.content if c.type in ("text", "code_inline", "math_inline", "math_single") else
+                   " " if c.type in ("softbreak", "hardbreak") else "" for c in token.children)
+
+
 def plain_text(html_text: str) -> str:
     return _WS.sub(" ", html.unescape(_TAGS.sub(" ", html_text))).strip()
 
@@ -439,7 +446,7 @@ class Site:
                         if t.type == "heading_open" and t.tag in ("h1", "h2", "h3", "h4"):
                             new_section(t.attrGet("id"), tokens[j + 1].content)
                         elif t.type == "inline" and not (j and tokens[j - 1].type == "heading_open"):
-                            cur["x"].append(t.content)
+                            cur["x"].append(inline_text(t))
                     parts.append(f'<div class="cell markdown">{md.renderer.render(tokens, md.options, env)}</div>')
                     page.toc += [h for h in env.get("headings", []) if h[0] in (2, 3)]
                 elif cell.cell_type == "code":
