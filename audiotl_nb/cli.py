@@ -20,6 +20,7 @@ __all__ = ['COMMANDS', 'main']
 COMMANDS = {
     "study": ("audiotl_nb.experiments", "study_main", "run paper 1's ontology transfer study on the embedded default"),
     "grid": ("audiotl_nb.experiments", "grid_main", "run, inspect or retry a grid of experiments (local or Slurm)"),
+    "train": ("audiotl_nb.train.core", "train_main", "run one training spec (JSON) into a run directory; works under torchrun"),
     "report": ("audiotl_nb.experiments", "report_main", "render the study report from a run store"),
     "synth": ("audiotl_nb.synth", "synth_main", "write the embedded-default synthetic sound world"),
     "ontology-table": ("audiotl_nb.ontology", "ontology_table_main", "paper 1's Table I: classes and samples per subset"),
