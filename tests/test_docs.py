@@ -83,6 +83,11 @@ def test_one_page_per_notebook_in_notebook_order(site):
         assert r.as_posix() in nbs, f"{r} has no page"
     for p in manifest["pages"]: assert (site.out / p["url"]).is_file()
     assert manifest["problems"] == [], manifest["problems"]
+    tutorials = {"tutorials/ontology_study.html", "tutorials/pairtune.html", "tutorials/sed_distillation.html",
+                 "tutorials/your_dataset.html"}
+    assert tutorials <= {p["url"] for p in manifest["pages"]}
+    html = (site.out / "index.html").read_text()
+    assert '<span class="section-title">Tutorials</span>' in html
 
 
 def test_sidebar_matches_nbdev_sidebar_for_quarto(site):
