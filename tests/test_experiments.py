@@ -13,8 +13,8 @@ import yaml
 
 from audiotl_nb.core import ConfigError, UnknownNameError
 from audiotl_nb.experiments import (LocalExecutor, OntologyStudy, BackboneStudy, DistillStudy, RunList, RunRecord, RunStore,
-                                    execute_run, grid_main, grid_to_yaml, load_grid, results_table, run_grid, summarise,
-                                    study_config)
+                                    execute_run, grid_main, grid_to_yaml, load_grid, prebuild_features, results_table, run_grid,
+                                    summarise, study_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -167,6 +167,45 @@ def test_grid_cli_status_and_retry(tmp_path, capsys):
     assert len(_executions(store, bad)) == 2
 
 
+def _wait_then_killpg(p, rs: RunStore, timeout: float = 240):
+    "SIGKILL the process group of `p` once a run is done and another is running."
+    t0 = time.time()
+    try:
+        while time.time() - t0 < timeout:
+            ids = rs.ids() if rs.runs_dir.exists() else []
+            c = rs.counts(ids) if ids else {}
+            if c.get("done", 0) >= 1 and c.get("running", 0) >= 1: return
+            assert p.poll() is None, p.stdout.read()
+            time.sleep(0.2)
+        pytest.fail("the grid did not get going in time")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+        time.sleep(1.5)        # kernels/workers notice their parent is gone
+
+
+def test_kill_grid_midway_then_resume(tmp_path):
+    "SIGKILL the process group of `audiotl grid run` (2 workers) midway, run it again: nothing finished runs twice."
+    f = tmp_path / "grid.yaml"
+    runs = [{"name": f"r{i}", "kind": "toy", "seed": i, "sleep": 1.5} for i in range(6)]
+    runs += [{"kind": "toy", "seed": 99, "init": "run:r5/metrics.json"}]
+    f.write_text(yaml.safe_dump({"grid": "runs", "store": "store", "runs": runs}))
+    cmd = [AUDIOTL, "grid", "run", str(f), "--mode", "direct", "--workers", "2", "--no-progress"]
+    p = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rs = RunStore(tmp_path / "store")
+    _wait_then_killpg(p, rs)
+    done_before = [r for r in rs.ids() if rs.run_dir(r).status == "done"]
+    interrupted = [r for r in rs.ids() if rs.info(r)["reason"] == "interrupted"]
+    assert done_before and interrupted and all(rs.status(r) == "pending" for r in interrupted)
+    rerun = [c if c != "2" else "0" for c in cmd]        # again, in one process this time
+    r = subprocess.run(rerun, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert rs.counts()["done"] == 7
+    assert all(len(_executions(rs, rid)) == 1 for rid in done_before)
+    assert all(len(_executions(rs, rid)) == 2 for rid in interrupted)      # the killed attempt, then the one that finished
+    assert all(len(_executions(rs, rid)) == 1 for rid in set(rs.ids()) - set(done_before) - set(interrupted))
+
+
+@pytest.mark.slow
 def test_kill_study_midway_then_resume(tmp_path):
     "SIGKILL the whole process group of `audiotl study` during a run, start it again: finished runs are not redone."
     from audiotl_nb.synth import world_config
@@ -179,18 +218,7 @@ def test_kill_study_midway_then_resume(tmp_path):
            "--no-progress"]
     p = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rs = RunStore(store)
-    t0 = time.time()
-    try:
-        while time.time() - t0 < 240:       # kill once a run is done and another one is running
-            ids = rs.ids() if rs.runs_dir.exists() else []
-            c = rs.counts(ids) if ids else {}
-            if c.get("done", 0) >= 1 and c.get("running", 0) >= 1: break
-            assert p.poll() is None, p.stdout.read()
-            time.sleep(0.2)
-        else: pytest.fail("the study did not get going in time")
-    finally:
-        os.killpg(p.pid, signal.SIGKILL); p.wait()
-    time.sleep(1.5)        # kernels/workers notice their parent is gone
+    _wait_then_killpg(p, rs)
     done_before = {r: (rs.run_path(r) / "metrics.json").stat().st_mtime_ns for r in rs.ids() if rs.run_dir(r).status == "done"}
     interrupted = [r for r in rs.ids() if rs.info(r)["reason"] == "interrupted"]
     assert done_before and interrupted
@@ -205,3 +233,30 @@ def test_kill_study_midway_then_resume(tmp_path):
         assert (rs.run_path(rid) / "log.txt").read_text().count("executing ") == 2
     df = results_table(rs)
     assert set(df[df.kind == "finetune"].subset) == {"none", "animal"}
+
+
+def test_prebuilt_features_cover_every_store_run_and_leave_the_rng_alone(tmp_path):
+    "After prebuild_features no run builds features, so a run's initial weights depend on its seed only."
+    import torch
+    from audiotl_nb.core import seed_everything
+    from audiotl_nb.data import get_task
+    from audiotl_nb.models.core import create_model
+    from audiotl_nb.store import FeatureStore
+    from audiotl_nb.synth import world_config
+    st = study_config("tiny", world=world_config("tiny", **MICRO).to_dict(), subsets=["animal", "things"], include_all=False,
+                      random_fractions=[], pretrain={"features": "store"}, finetune={"features": "store"})
+    store = RunStore(tmp_path)
+    ids = store.add_all(st.runs())
+    n = prebuild_features(store, ids, progress=False)
+    w = store.world(st.runs()[0].world)
+    want = set()
+    for sub in ("animal", "things"):
+        want |= {str(p) for df in get_task("audioset", w.audioset, subset=sub).splits.values() for p in df.path}
+    want |= {str(p) for df in get_task("dcase2018_bad", w.tasks["dcase2018_bad"]).splits.values() for p in df.path}
+    assert n == len(want)
+    fs = FeatureStore(None, "panns16k")
+    assert all(p in fs for p in want)
+    first = lambda m: next(v for v in m.state_dict().values() if v.ndim == 4).clone()
+    seed_everything(1); a = first(create_model("cnn10", 3, width=0.125))
+    seed_everything(1); fs.build(sorted(want)); b = first(create_model("cnn10", 3, width=0.125))
+    assert torch.equal(a, b)

@@ -53,23 +53,24 @@ MALICIOUS = ['"; open("{p}", "w").write("pwned"); x = "', "'''\nopen('{p}', 'w')
 
 
 def test_parameters_cannot_inject_code(tmp_path):
+    "Strings full of quotes, newlines and code, in both JSON parameters, arrive unchanged and never run."
     sentinel = tmp_path / "pwned"
     notes = [m.format(p=sentinel) for m in MALICIOUS]
     spec = {"kind": "toy", "seed": 3, "note": "\n".join(notes), "nested": {"k'\"": notes}}
-    out = run_notebook(notebook_for("toy"), spec, tmp_path / "run")
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["note"] == spec["note"]                 # every string arrives unchanged ...
-    assert not sentinel.exists()                     # ... and nothing in it ran
+    over = {"note": notes[0] + notes[2], "alpha": 2.0}
+    out = tmp_path / "out.ipynb"
+    pm.execute_notebook(str(notebook_for("toy")), str(out), kernel_name="python3", progress_bar=False,
+                        parameters={"spec_json": json.dumps(spec), "overrides_json": json.dumps(over), "run_dir": str(tmp_path / "run")})
+    assert not sentinel.exists()                     # nothing in the strings ran ...
     nb = nbformat.read(out, as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1
     ns = {}
-    exec(injected[0].source, ns)                     # the injected cell only assigns the three strings
-    assert json.loads(ns["spec_json"]) == spec and set(k for k in ns if not k.startswith("__")) == {"spec_json", "run_dir"}
-    # overrides_json is just as inert
-    pm.execute_notebook(str(notebook_for("toy")), str(tmp_path / "o.ipynb"), kernel_name="python3", progress_bar=False,
-                        parameters={"overrides_json": json.dumps({"note": notes[0]}), "run_dir": str(tmp_path / "run2")})
-    assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["note"] == notes[0] and not sentinel.exists()
+    exec(injected[0].source, ns)                     # ... the injected cell only assigns three strings ...
+    assert {k for k in ns if not k.startswith("__")} == {"spec_json", "overrides_json", "run_dir"}
+    assert json.loads(ns["spec_json"]) == spec and json.loads(ns["overrides_json"]) == over
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["note"] == over["note"] and not sentinel.exists()     # ... and the notebook used them as data
 
 
 def test_pretrain_then_finetune_notebooks_through_the_executor(tmp_path, micro_world):

@@ -886,7 +886,7 @@ def metrics_for(spec: TrainSpec, task: Task) -> tuple[list[str], str]:
     if metric != "loss" and metric not in names: names.append(metric)
     for n in names:   # fail now rather than after the first epoch
         if n == "psds1" and task.kind != "frames": raise ConfigError(f"psds1 needs frame labels; task {task.name!r} is {task.kind!r}")
-        if n != "psds1": check_name(n, CLIP_METRICS, "metric")
+        if n != "psds1": check_name(n, CLIP_METRICS, "clip metric")
     return names, metric
 
 def augment_from_spec(spec: TrainSpec):
