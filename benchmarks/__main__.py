@@ -141,6 +141,11 @@ def rows_study(r: dict) -> list[Row]:
                 r.get("target", 1.0), bound=r.get("bound") or _load_bound(r))]
 
 
+def rows_synth(r: dict) -> list[Row]:
+    return [Row("synth", f"{r.get('preset', '')} world generated from nothing", r.get("wall_s"), "s",
+                r.get("target_s", 60.0), "<=", bound=r.get("bound") or _load_bound(r))]
+
+
 def rows_generic(name: str) -> Callable[[dict], list[Row]]:
     "Any other benchmark: its `ratio`/`speedup` against its `target`, else a pointer to its JSON."
     def f(r: dict) -> list[Row]:
@@ -175,6 +180,7 @@ KNOWN = {
     "metrics": Bench("metrics", ["--clips", "5", "--map-rows", "500"], rows_metrics),
     "gpu": Bench("gpu", ["--bs", "4", "--steps", "2", "--rounds", "1", "--frames", "101"], rows_gpu),
     "study": Bench("study", None, rows_study),
+    "synth": Bench("synth", ["--preset", "tiny"], rows_synth),
 }
 
 
