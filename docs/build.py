@@ -339,8 +339,27 @@ class Site:
         self.log(f"warning: {msg}")
 
     # -- links ------------------------------------------------------------------------------
+    def repo_notebook(self, href: str) -> Path | None:
+        """The notebook an absolute link into this repository names (`{repo-url}/blob/{branch}/nbs/x.ipynb`,
+        the form that also works in README.md on GitHub), or None for any other link."""
+        if not self.repo_url: return None
+        base = self.repo_url.rstrip("/") + "/blob/"
+        path = href.partition("#")[0].partition("?")[0]
+        if not (path.startswith(base) and path.endswith(".ipynb")): return None
+        parts = unquote(path[len(base):]).split("/")[1:]          # drop the branch
+        if len(parts) < 2 or parts[0] != self.nbs.name: return None
+        return self.nbs.joinpath(*parts[1:])
+
     def rewrite_link(self, page: Page, href: str) -> str:
-        "Links to notebooks become links to their pages; everything else is left alone."
+        """Links to notebooks become links to their pages; everything else is left alone. A notebook is
+        named by a path relative to the linking notebook, or by its address in the repository."""
+        if (repo_nb := self.repo_notebook(href or "")) is not None:
+            frag = href.partition("#")[2]
+            rel = repo_nb.relative_to(self.nbs)
+            if str(rel) in self.by_nb:
+                return self.relurl(page, self.by_nb[str(rel)].url) + (f"#{frag}" if frag else "")
+            self.problem(f"{page.rel}: link to a notebook that is not in the site: {href}")
+            return href
         if not href or href.startswith(("#", "mailto:", "data:")) or urlsplit(href).scheme: return href
         path, _, frag = href.partition("#")
         if path.endswith(".ipynb"):

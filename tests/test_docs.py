@@ -15,6 +15,7 @@ import inspect
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -32,6 +33,7 @@ from docs import build as B  # noqa: E402
 from docs import check as C  # noqa: E402
 
 NBS = ROOT / "nbs"
+REPO_NBS = "https://github.com/audiotl/audiotl_nb/blob/main/nbs/"   # a notebook's address on GitHub (README links)
 
 
 def _text(html: str) -> str:
@@ -88,6 +90,45 @@ def test_one_page_per_notebook_in_notebook_order(site):
     assert tutorials <= {p["url"] for p in manifest["pages"]}
     html = (site.out / "index.html").read_text()
     assert '<span class="section-title">Tutorials</span>' in html
+
+
+def test_landing_page_links_every_tutorial(site):
+    """The landing page (and README.md, rendered from the same notebook) has a Tutorials section linking each
+    tutorial: by its GitHub address in the notebook and README, by its page on the site."""
+    tutorials = [p for p in site.pages if p.rel.parts[0] == "tutorials"]
+    assert len(tutorials) >= 4
+    nb = nbformat.read(NBS / "index.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## Tutorials"))
+    readme = (ROOT / "README.md").read_text()
+    assert cell in readme
+    html = (site.out / "index.html").read_text()
+    sec = html[html.index('id="tutorials"'):]
+    sec = sec[:sec.index("<h2")] if "<h2" in sec else sec
+    for p in tutorials:
+        address = REPO_NBS + p.rel.as_posix()
+        assert f"]({address})" in cell, f"the Tutorials section does not link {p.rel}"
+        assert (NBS / p.rel).is_file()                                     # so the README link works on GitHub
+        assert f'href="{p.url}"' in sec, f"the landing page does not link {p.url}"
+        assert p.title_text in _text(sec)
+
+
+def test_reliability_chapter_tabulates_every_fault_test(site):
+    "The reliability chapter is in the sidebar and its table has one row per test of tests/test_faults.py."
+    import ast
+    page = next(p for p in site.pages if p.rel.as_posix() == "12_reliability.ipynb")
+    assert f'href="{page.url}"' in (site.out / "index.html").read_text()  # in the sidebar of every page
+    html = (site.out / page.url).read_text()
+    src = (ROOT / "tests" / "test_faults.py").read_text()
+    tests = {n.name: n.lineno for n in ast.parse(src).body
+             if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    rows = re.findall(r'href="https://github\.com/[^"]+/tests/test_faults\.py#L(\d+)"[^>]*>([^<]+)</a>', html)
+    named = {"test_" + text.strip().replace(" ", "_"): int(line) for line, text in rows}
+    assert set(named) == set(tests), (f"tests without a row: {sorted(set(tests) - set(named))}; "
+                                      f"rows without a test: {sorted(set(named) - set(tests))} (re-run 12_reliability)")
+    lines = src.splitlines()
+    for name, line in named.items():
+        assert f"def {name}(" in lines[line - 1], f"the row of {name} links line {line}, not its definition"
+    assert "<table" in html and "Fault injected" in html
 
 
 def test_sidebar_matches_nbdev_sidebar_for_quarto(site):
@@ -191,7 +232,8 @@ def _mini_project(d: Path) -> Path:
     (nbs / "tutorials").mkdir(parents=True)
     md, code = nbformat.v4.new_markdown_cell, _code
     png = base64.b64encode(_png_bytes()).decode()
-    index = nbformat.v4.new_notebook(cells=[md("# mini\n\n> A small site."), md("Start with [the core](00_core.ipynb#errors).")])
+    index = nbformat.v4.new_notebook(cells=[md("# mini\n\n> A small site."), md("Start with [the core](00_core.ipynb#errors).\n\n"
+        f"On GitHub: [the tutorial]({REPO_NBS}tutorials/01_first.ipynb), [a test]({REPO_NBS.replace('/nbs/', '/tests/')}test_x.py).")])
     core = nbformat.v4.new_notebook(cells=[
         md("# Core bits\n\n> One-line summary of the chapter."),
         code("#| default_exp core"),
@@ -230,6 +272,8 @@ def test_builder_on_a_small_project(tmp_path):
     assert len(figs) == 1 and _png_size(figs[0]) == (100, 75)
     idx = (tmp_path / "site" / "index.html").read_text()
     assert 'href="core.html#errors"' in idx
+    assert 'href="tutorials/first.html"' in idx                                   # GitHub address of a notebook -> its page
+    assert f'href="{REPO_NBS.replace("/nbs/", "/tests/")}test_x.py"' in idx      # any other file stays on GitHub
 
 
 def test_builder_reports_broken_notebook_links(tmp_path):
@@ -239,6 +283,10 @@ def test_builder_reports_broken_notebook_links(tmp_path):
     nbformat.write(nb, nbs / "index.ipynb")
     with pytest.raises(B.BuildError, match="index.ipynb: link to a notebook that is not in the site: 99_missing.ipynb"):
         B.build(out=tmp_path / "site", nbs=nbs, quiet=True, strict=True)
+    nb.cells[-1] = nbformat.v4.new_markdown_cell(f"See [gone]({REPO_NBS}tutorials/02_missing.ipynb).")
+    nbformat.write(nb, nbs / "index.ipynb")
+    with pytest.raises(B.BuildError, match="link to a notebook that is not in the site: https://github.com/.*/02_missing.ipynb"):
+        B.build(out=tmp_path / "site2", nbs=nbs, quiet=True, strict=True)
 
 
 def test_checker_finds_broken_links_images_and_script_errors(tmp_path):
@@ -264,12 +312,72 @@ def test_checker_finds_broken_links_images_and_script_errors(tmp_path):
     assert "undefinedFunction" in msgs
 
 
+def _sidebar_files(items, out=None) -> list[str]:
+    "The files a Quarto sidebar's `contents` names, in order (sections flattened, their `href`s included)."
+    out = [] if out is None else out
+    for it in items:
+        if isinstance(it, str): out.append(it)
+        elif isinstance(it, dict):
+            for k in ("href", "file"):
+                if it.get(k): out.append(it[k])
+            _sidebar_files(it.get("contents", []), out)
+    return out
+
+
+def _file_refs(node, out=None) -> list[str]:
+    "Every string value in a Quarto config that names a file (by its extension)."
+    out = [] if out is None else out
+    if isinstance(node, dict):
+        for v in node.values(): _file_refs(v, out)
+    elif isinstance(node, list):
+        for v in node: _file_refs(v, out)
+    elif isinstance(node, str) and re.search(r"\.(ipynb|qmd|md|yml|yaml|css|scss|html|png|svg|ico)$", node) and "://" not in node:
+        out.append(node)
+    return out
+
+
 def test_quarto_configuration_stays_valid():
-    "Readers with Quarto use nbdev's pipeline: its configuration parses and the files it names exist."
+    """Readers with Quarto use nbdev's pipeline (`nbdev-docs`, `nbdev-preview`) with nbs/_quarto.yml: it and the
+    files it includes parse, every file they name exists, the sidebar lists every notebook once in nbdev's order
+    (index, chapters, then each folder, tutorials included, by number), and nbdev would not rewrite them."""
     q = yaml.safe_load((NBS / "_quarto.yml").read_text())
     assert q["project"]["type"] == "website"
+    assert q["format"]["html"]["css"] and (NBS / q["format"]["html"]["css"]).is_file()
+    configs = {"_quarto.yml": q}
     for f in q.get("metadata-files", []):
         assert (NBS / f).is_file(), f"_quarto.yml names {f}, which is missing"
-        yaml.safe_load((NBS / f).read_text())
-    side = yaml.safe_load((NBS / "sidebar.yml").read_text())["website"]["sidebar"]["contents"]
-    assert side[0] == "index.ipynb"
+        configs[f] = yaml.safe_load((NBS / f).read_text())
+    assert {"nbdev.yml", "sidebar.yml"} <= set(configs)
+    for name, cfg in configs.items():
+        for ref in _file_refs(cfg):
+            assert (NBS / ref).is_file(), f"{name} names {ref}, which does not exist in nbs/"
+    # the sidebar: every notebook, once, nothing else
+    listed = _sidebar_files(configs["sidebar.yml"]["website"]["sidebar"]["contents"])
+    nbs = [p.relative_to(NBS).as_posix() for p in B.find_notebooks(NBS)]
+    assert listed[0] == "index.ipynb"
+    assert sorted(listed) == sorted(nbs) and len(set(listed)) == len(listed), \
+        f"not listed: {sorted(set(nbs) - set(listed))}; not notebooks: {sorted(set(listed) - set(nbs))}"
+    assert listed == nbs                                                   # the site's order
+    tut = [f for f in listed if f.startswith("tutorials/")]
+    assert len(tut) >= 4 and tut == sorted(tut) and [t.split("/")[1][:3] for t in tut] == [f"{i:02d}_" for i in range(1, len(tut) + 1)]
+    sections = [it["section"] for it in configs["sidebar.yml"]["website"]["sidebar"]["contents"] if isinstance(it, dict)]
+    assert "tutorials" in sections
+    # nbdev regenerates sidebar.yml (custom_sidebar = false) and nbdev.yml before rendering: the committed files
+    # are already what it writes, so a Quarto build changes nothing in the tree
+    from nbdev.config import get_config
+    from nbdev.quarto import nbdev_sidebar
+    cfg = get_config()
+    from fastcore.basics import str2bool
+    if not str2bool(cfg.get("custom_sidebar", False)):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf): nbdev_sidebar(path=str(NBS), printit=True, force=True)
+        assert yaml.safe_load(buf.getvalue()) == configs["sidebar.yml"], "sidebar.yml differs from what nbdev writes"
+    site_cfg = configs["nbdev.yml"]
+    assert site_cfg["project"]["output-dir"] == Path(cfg.doc_path).name
+    w = site_cfg["website"]
+    assert w["title"] == cfg.title and w["repo-url"] == cfg.git_url and w["repo-branch"] == cfg.branch
+    assert w["site-url"] == f"{cfg.doc_host}{cfg.doc_baseurl}" and w["description"] == cfg.description
+    import nbdev.quarto as Q
+    if hasattr(Q, "_nbdev_yml"):                                           # nbdev 3's template for nbdev.yml
+        vals = {k: cfg[k] for k in ["title", "description", "branch", "git_url", "doc_host", "doc_baseurl"]}
+        assert (NBS / "nbdev.yml").read_text() == Q._nbdev_yml.format(doc_path=Path(cfg.doc_path).name, **vals)
