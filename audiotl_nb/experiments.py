@@ -38,13 +38,14 @@ from .core import (AudiotlError, ConfigError, Config, Registry, RunDir, UnknownN
 
 # %% auto #0
 __all__ = ['RUN_REF', 'WORLD_REF', 'RUNNERS', 'ONTOLOGY_SUBSETS', 'PAPER1_TASKS', 'GRIDS', 'HOST', 'NOTEBOOKS', 'MODES',
-           'PER_SEED', 'EXECUTORS', 'TINY_MODEL', 'TINY_SED', 'KWS10', 'STUDY_PRESETS', 'find_refs', 'resolve_refs',
-           'RunRecord', 'register_runner', 'toy_run', 'OntologyStudy', 'BackboneStudy', 'DistillStudy', 'RunList',
-           'load_grid', 'grid_to_yaml', 'pid_alive', 'RunLock', 'RunStore', 'experiments_dir', 'notebook_for',
-           'run_notebook', 'run_direct', 'set_threads', 'execute_run', 'results_table', 'summarise', 'worker_loop',
-           'LocalExecutor', 'SlurmExecutor', 'GridResult', 'run_grid', 'tiny_world', 'default_spec', 'notebook_spec',
-           'notebook_run_dir', 'plot_history', 'study_config', 'html_report', 'write_report', 'prebuild_features',
-           'run_study', 'grid_main', 'report_main', 'study_main']
+           'THREAD_VARS', 'PER_SEED', 'EXECUTORS', 'TINY_MODEL', 'TINY_SED', 'KWS10', 'STUDY_PRESETS', 'find_refs',
+           'resolve_refs', 'RunRecord', 'register_runner', 'toy_run', 'OntologyStudy', 'BackboneStudy', 'DistillStudy',
+           'RunList', 'load_grid', 'grid_to_yaml', 'pid_alive', 'RunLock', 'RunStore', 'experiments_dir',
+           'notebook_for', 'run_notebook', 'run_direct', 'set_threads', 'threads_limited', 'execute_run',
+           'results_table', 'summarise', 'die_with_parent', 'worker_loop', 'LocalExecutor', 'SlurmExecutor',
+           'GridResult', 'run_grid', 'tiny_world', 'default_spec', 'notebook_spec', 'notebook_run_dir', 'plot_history',
+           'study_config', 'html_report', 'write_report', 'prebuild_features', 'run_study', 'grid_main', 'report_main',
+           'study_main']
 
 # %% ../nbs/10_experiments.ipynb #f5bcfbff
 RUN_REF = re.compile(r"^run:([0-9a-f]{6,40})(?:/(.*))?$")
@@ -407,6 +408,24 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
 HOST = os.uname().nodename
 
 
+def _place_lock(path: Path, text: str) -> bool:
+    "Create `path` holding `text` only if it does not exist, never leaving it empty or cut off; False if it exists."
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x") as f: f.write(text)      # a full disk fails here, before the lock exists
+        try: os.link(tmp, path); return True          # the complete file appears at once, or not at all
+        except FileExistsError: return False
+        except OSError: pass                         # a file system without hard links: O_EXCL, removed if the write fails
+        try: fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError: return False
+        try:
+            with os.fdopen(fd, "w") as f: f.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True); raise
+        return True
+    finally: tmp.unlink(missing_ok=True)
+
+
 class RunLock:
     "A held run lock; `release()` (or leaving the `with` block) removes it. A thread touches it every `heartbeat` s."
     def __init__(self, path: Path, token: str, heartbeat: float = 30.0):
@@ -511,9 +530,7 @@ class RunStore:
                 p.unlink(missing_ok=True)           # stale: its owner is gone
             token = secrets.token_hex(8)
             info = {"host": HOST, "pid": os.getpid(), "start": _proc_start(os.getpid()), "token": token, "time": time.time()}
-            try: fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError: return None
-            with os.fdopen(fd, "w") as f: json.dump(info, f)
+            if not _place_lock(p, json.dumps(info)): return None
         return RunLock(p, token, self.heartbeat)
 
     # statuses --------------------------------------------------------------------------------
@@ -615,12 +632,28 @@ def run_direct(spec: dict, run_dir):
     from audiotl_nb.train.core import run_spec
     return run_spec(spec, run_dir)
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
 def set_threads(n: int | None):
     "Limit torch (and OpenMP/BLAS in child processes) to `n` threads."
     if not n: return
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"): os.environ[k] = str(n)
+    for k in THREAD_VARS: os.environ[k] = str(n)
     import torch
     torch.set_num_threads(int(n))
+
+@contextmanager
+def threads_limited(n: int | None):
+    "`set_threads(n)` for the duration of the block, then the caller's torch threads and environment again."
+    if not n: yield; return
+    import torch
+    old, env = torch.get_num_threads(), {k: os.environ.get(k) for k in THREAD_VARS}
+    set_threads(n)
+    try: yield
+    finally:
+        torch.set_num_threads(old)
+        for k, v in env.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
 
 def _first_line(e: BaseException) -> str:
     s = f"{type(e).__name__}: {e}".strip()
@@ -644,7 +677,9 @@ def execute_run(store, run_id: str, mode: str = "direct", threads: int | None = 
     "Run `run_id` of `store` under its lock; returns {run_id, outcome (done|failed|skipped|locked|blocked), seconds, error}."
     check_name(mode, MODES, "execution mode")
     store = store if isinstance(store, RunStore) else RunStore(store)
-    set_threads(threads)
+    with threads_limited(threads): return _execute_run(store, run_id, mode)
+
+def _execute_run(store: RunStore, run_id: str, mode: str) -> dict:
     t0 = time.time()
     out = lambda o, err="": {"run_id": run_id, "outcome": o, "seconds": round(time.time() - t0, 3), "error": err,
                              "host": HOST, "pid": os.getpid()}
@@ -665,7 +700,8 @@ def execute_run(store, run_id: str, mode: str = "direct", threads: int | None = 
             rd.set_status("done", mode=mode, seconds=round(time.time() - t0, 3))
             return out("done")
         except Exception as e:
-            why = _first_line(e)
+            own = rd.status                     # the trainer's own reason (e.g. non-finite loss), if it wrote one
+            why = own.partition(":")[2].strip() if own.startswith("failed:") else _first_line(e)
             rd.set_status(f"failed: {why}"); rd.log("failed:\n" + traceback.format_exc())
             return out("failed", why)
         except BaseException as e:          # KeyboardInterrupt, SystemExit: not the run's fault, run it again next time
@@ -720,13 +756,33 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+_PDEATHSIG = "import ctypes; ctypes.CDLL(None).prctl(1, 9)"     # PR_SET_PDEATHSIG, SIGKILL: Linux only
+
+def die_with_parent(parent: int, poll: float = 1.0):
+    "End this process with SIGKILL when process `parent` (the one that started it) ends."
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        except (OSError, AttributeError): pass
+    def watch():                                   # elsewhere (or if prctl failed): notice being re-parented
+        while os.getppid() == parent: time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.getppid() != parent: os.kill(os.getpid(), signal.SIGKILL)   # it ended before we asked
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
 class _Worker:
     "A worker subprocess: reads run ids on stdin, executes them, writes one JSON outcome per line to a result pipe."
-    def __init__(self, store_root: Path, mode: str, threads: int):
+    def __init__(self, store_root: Path, mode: str, threads: int, preload: str = ""):
         r, w = os.pipe()
-        code = "import sys; from audiotl_nb.experiments import worker_loop; worker_loop(*sys.argv[1:])"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(store_root), mode, str(threads), str(w)],
-                                     stdin=subprocess.PIPE, text=True, pass_fds=(w,))
+        code = (f"import sys\ntry: {_PDEATHSIG}\nexcept Exception: pass\n"
+                "from audiotl_nb.experiments import worker_loop; worker_loop(*sys.argv[1:])")
+        # a session of its own: the scheduler's autogroups give each worker its own CPU share, as two terminals
+        # would have; it dies with this process (die_with_parent), as it did with the session's process group
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(store_root), mode, str(threads), str(w),
+                                      str(os.getpid()), preload],
+                                     stdin=subprocess.PIPE, text=True, pass_fds=(w,), start_new_session=True)
         os.close(w)
         self.results = os.fdopen(r, "r")
         self.run_id = None
@@ -746,9 +802,13 @@ class _Worker:
         self.results.close()
 
 
-def worker_loop(store_root: str, mode: str, threads: str, fd: str):
+def worker_loop(store_root: str, mode: str, threads: str, fd: str, parent: str = "0", preload: str = ""):
     "The body of a `LocalExecutor` worker process (see `_Worker`)."
+    if int(parent): die_with_parent(int(parent))
     set_threads(int(threads))
+    for m in filter(None, preload.split(",")):          # while the grid still prepares; a run reports what is missing
+        try: importlib.import_module(m)
+        except Exception: pass
     out = os.fdopen(int(fd), "w", buffering=1)
     for line in sys.stdin:
         rid = line.strip()
@@ -769,7 +829,16 @@ class LocalExecutor:
 
     def __repr__(self): return f"LocalExecutor(workers={self.workers}, mode={self.mode!r}, threads={self.threads})"
 
-    def start(self, store: RunStore): self.store = store
+    def start(self, store: RunStore): self.store, self.preload = store, ""
+
+    def prestart(self, ids: Sequence[str]):
+        "Start the workers `ids` will need now, importing what their runs need, while the grid still prepares."
+        kinds = {self.store.record(r).kind for r in ids}
+        mods = ["papermill"] if self.mode == "papermill" else (["audiotl_nb.train.core"] if kinds - set(RUNNERS.names()) else [])
+        self.preload = ",".join(mods)
+        while len(self.pool) < min(self.workers, len(ids)): self._spawn()
+
+    def _spawn(self): self.pool.append(_Worker(self.store.root, self.mode, self.threads, self.preload))
 
     def submit(self, ids: Sequence[str]): self.queue.extend(ids)
 
@@ -780,7 +849,7 @@ class LocalExecutor:
             idle = [w for w in self.pool if w.run_id is None]
             if not idle:
                 if len(self.pool) >= self.workers: return
-                self.pool.append(_Worker(self.store.root, self.mode, self.threads)); continue
+                self._spawn(); continue
             idle[0].send(self.queue.pop(0))
 
     def wait(self, timeout: float) -> list[dict]:
@@ -942,8 +1011,6 @@ def run_grid(store, grid, executor=None, retry_failed: bool = False, progress: b
     ids = [x if isinstance(x, str) else None for x in items]
     if None in ids: ids = store.add_all(items)
     ids = _with_deps(store, list(dict.fromkeys(ids)))
-    for w in {json.dumps(store.record(i).world, sort_keys=True) for i in ids if store.record(i).world is not None}:
-        store.world(json.loads(w))          # generated once, here, before any worker reads it
     executor = executor or LocalExecutor()
     state, outcome, errors, lost = {}, {}, {}, {}
     for rid in ids:
@@ -952,6 +1019,15 @@ def run_grid(store, grid, executor=None, retry_failed: bool = False, progress: b
         elif raw.startswith("failed") and not retry_failed:
             state[rid] = outcome[rid] = "failed"; errors[rid] = raw.partition(":")[2].strip()
         else: state[rid] = "todo"
+    todo = [rid for rid in ids if state[rid] == "todo"]
+    executor.start(store)
+    try:
+        if todo and hasattr(executor, "prestart"): executor.prestart(todo)     # workers start while worlds generate
+        for w in {json.dumps(store.record(i).world, sort_keys=True) for i in todo if store.record(i).world is not None}:
+            store.world(json.loads(w))          # generated once, here, before any worker reads it
+    except BaseException:
+        executor.close(cancel=True)
+        raise
     from tqdm import tqdm
     bar = tqdm(total=len(ids), initial=sum(s != "todo" for s in state.values()), desc=desc, unit="run", disable=not progress,
                dynamic_ncols=True)
@@ -964,7 +1040,6 @@ def run_grid(store, grid, executor=None, retry_failed: bool = False, progress: b
     def dep_state(d):
         if d in state: return state[d]
         return "skipped" if store.run_dir(d).status == "done" else "failed"
-    executor.start(store)
     try:
         while True:
             ready = []
@@ -1112,8 +1187,8 @@ def write_report(store, out=None, html: bool = True, metric: str = "", timeout: 
     out = Path(out) if out else store.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     df = results_table(store, splits=("dev", "test"))
-    df.to_csv(out / "results.csv", index=False)
-    summarise(df).to_csv(out / "summary.csv", index=False)
+    atomic_write_text(out / "results.csv", df.to_csv(index=False))      # a failed write keeps the previous table
+    atomic_write_text(out / "summary.csv", summarise(df).to_csv(index=False))
     import papermill as pm
     nb = experiments_dir() / "study_report.ipynb"
     pm.execute_notebook(str(nb), str(out / "report.ipynb"), parameters={"store": str(store.root), "metric": metric},

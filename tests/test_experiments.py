@@ -260,3 +260,53 @@ def test_prebuilt_features_cover_every_store_run_and_leave_the_rng_alone(tmp_pat
     seed_everything(1); a = first(create_model("cnn10", 3, width=0.125))
     seed_everything(1); fs.build(sorted(want)); b = first(create_model("cnn10", 3, width=0.125))
     assert torch.equal(a, b)
+
+
+def test_in_process_runs_restore_the_callers_threads(tmp_path):
+    "LocalExecutor(workers=0, threads=n): the run sees n torch threads; afterwards the caller has its own again."
+    import torch
+    from audiotl_nb.experiments import RUNNERS, register_runner
+    def probe(spec, run_dir):
+        from audiotl_nb.core import RunDir
+        m = {"test": {"threads": torch.get_num_threads()}, "omp": os.environ.get("OMP_NUM_THREADS")}
+        RunDir(run_dir).write_metrics(m)
+        return m
+    register_runner("threads_probe", probe)
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    n = before + 2
+    try:
+        store = RunStore(tmp_path / "store")
+        ids = store.add_all([RunRecord({"kind": "threads_probe", "seed": s}) for s in range(2)])
+        res = run_grid(store, ids, LocalExecutor(workers=0, mode="direct", threads=n), progress=False, poll=0.05)
+        assert res.ok and res.count("done") == 2
+        assert all(store.run_dir(r).metrics["test"]["threads"] == n for r in ids)
+        assert all(store.run_dir(r).metrics["omp"] == str(n) for r in ids)
+        assert (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")) == (before, env)
+    finally:
+        RUNNERS._items.pop("threads_probe", None)
+
+
+def test_workers_have_their_own_session_and_die_with_the_grid(tmp_path):
+    "A worker runs in a session of its own (its own CPU share) yet ends when the grid's process is killed alone."
+    from audiotl_nb.experiments import pid_alive
+    code = ("import sys\nfrom audiotl_nb.experiments import LocalExecutor, RunRecord, RunStore, run_grid\n"
+            "store = RunStore(sys.argv[1])\nids = store.add_all([RunRecord({'kind': 'toy', 'sleep': 120})])\n"
+            "run_grid(store, ids, LocalExecutor(workers=1, mode='direct', threads=1), progress=False)\n")
+    p = subprocess.Popen([PY, "-c", code, str(tmp_path / "store")], env=_env())
+    rs = RunStore(tmp_path / "store")
+    worker, t0 = None, time.time()
+    try:
+        while worker is None:
+            assert p.poll() is None and time.time() - t0 < 240, "the grid did not start its run"
+            for lock in rs.runs_dir.glob("*/.lock") if rs.runs_dir.exists() else []:
+                try: worker = json.loads(lock.read_text())["pid"]
+                except (OSError, ValueError, KeyError): pass
+            time.sleep(0.1)
+        assert worker != p.pid and os.getsid(worker) != os.getsid(p.pid) == os.getsid(0)
+        p.send_signal(signal.SIGKILL); p.wait()          # the grid's process only, not its process group
+        t0 = time.time()
+        while pid_alive(worker) and time.time() - t0 < 15: time.sleep(0.1)
+        assert not pid_alive(worker), "the worker outlived its grid"
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+        if worker and pid_alive(worker): os.kill(worker, signal.SIGKILL)

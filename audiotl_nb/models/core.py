@@ -49,17 +49,23 @@ def register_model(name: str | None = None, factory=None):
         return MODELS.register(key, f)
     return _reg(factory) if factory is not None else _reg
 
-def _import_families(force: bool = False):
-    "Import every model family module once, tolerating families that are absent or miss a dependency."
+_TRIED: set[str] = set()  # family modules imported (or found absent) so far
+
+def _import_families(force: bool = False, until: str | None = None):
+    "Import the model family modules in order, tolerating absent families and missing dependencies; stop once `until` is registered."
     global _IMPORTED
-    if _IMPORTED and not force: return
+    if force: _TRIED.clear()
+    elif _IMPORTED: return
     for fam in MODEL_MODULES:
+        if until is not None and until in MODELS: return
+        if fam in _TRIED: continue
         modname = f"audiotl_nb.models.{fam}"
         try: importlib.import_module(modname)
         except ModuleNotFoundError as e:
-            if e.name in (modname, "audiotl_nb.models"): continue  # this family is not part of the package
-            if e.name and not e.name.startswith("audiotl_nb"): _UNAVAILABLE[fam] = e.name.split(".")[0]
+            if e.name in (modname, "audiotl_nb.models"): pass  # this family is not part of the package
+            elif e.name and not e.name.startswith("audiotl_nb"): _UNAVAILABLE[fam] = e.name.split(".")[0]
             else: raise
+        _TRIED.add(fam)
     _IMPORTED = True
 
 def list_models() -> list[str]:
@@ -88,7 +94,7 @@ def frontend_config(frontend) -> dict | None:
 # %% ../../nbs/05_models.core.ipynb #d36761fd
 def create_model(name: str, n_classes: int, frontend=None, **kwargs) -> nn.Module:
     "Build the model registered as `name` with `n_classes` outputs (waveform input when `frontend` is given)."
-    _import_families()
+    _import_families(until=name)
     if name not in MODELS:
         err = UnknownNameError(name, MODELS.names(), "model")
         for fam, dep in _UNAVAILABLE.items():
