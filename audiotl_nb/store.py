@@ -8,8 +8,10 @@ Docs: https://audiotl.github.io/audiotl_nb/store.html.md"""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -23,13 +25,14 @@ import torch
 from torch.utils.data import Dataset
 
 from .audio import Frontend, create_frontend, feature_spec, load_audio
-from .core import AudiotlError, DataError, atomic_write_json, default_cache_dir, read_json, spec_hash
+from .core import AudiotlError, DataError, atomic_write_json, default_cache_dir, spec_hash
 
 # %% auto #0
 __all__ = ['STORE_FORMAT', 'StoreMissError', 'BuildReport', 'FeatureStore', 'StoreDataset', 'pad_collate']
 
 # %% ../nbs/02a_store.ipynb #59f0490b
-STORE_FORMAT = "audiotl_nb.store/1"
+STORE_FORMAT = "audiotl_nb.store/2"
+_FORMATS = ("audiotl_nb.store/1", STORE_FORMAT)  # /1: a single index.json, read as generation 0
 
 class StoreMissError(AudiotlError, KeyError):
     "A path that was never built into the feature store."
@@ -62,6 +65,7 @@ class BuildReport:
 class FeatureStore:
     "Front-end features computed once and kept as float16 memory-mapped shards, keyed by the front-end config."
     index_file, skipped_file, config_file, shard_dir = "index.json", "skipped.json", "frontend.json", "shards"
+    index_dir = "index.d"
 
     def __init__(self, root=None, frontend: str | dict | Frontend = "panns16k", shard_mb: int = 1024,
                  batch_size: int = 16, num_workers: int = 0, device: str | torch.device = "cpu"):
@@ -85,12 +89,52 @@ class FeatureStore:
     def __getstate__(self): return {**self.__dict__, "_mmaps": {}}  # memory maps are reopened in each process
 
     # --- the index ----------------------------------------------------------------------
-    def _read_index(self) -> dict:
-        idx = read_json(self.path / self.index_file)
-        if idx is None: return {"format": STORE_FORMAT, "frontend": self.spec, "n_mels": self.n_mels,
-                                "dtype": "float16", "shards": {}, "items": {}, "skipped": {}}
+    def _empty(self) -> dict:
+        return {"format": STORE_FORMAT, "frontend": self.spec, "n_mels": self.n_mels, "dtype": "float16",
+                "shards": {}, "items": {}, "skipped": {}}
+
+    def _checked(self, idx: dict, path: Path) -> dict:
+        if idx.get("format", _FORMATS[0]) not in _FORMATS:
+            raise DataError(f"{path}: unknown feature store format {idx.get('format')!r} (this version reads {_FORMATS})")
         if idx.get("frontend") != self.spec:
-            raise DataError(f"{self.path}: this store was built for a different front-end configuration")
+            raise DataError(f"{self.path}: this store was built for a different front-end configuration ({path.name})")
+        return idx
+
+    def _generations(self) -> list[tuple[int, Path]]:
+        "(number, file) of every generation of the main index, oldest first; index.json is generation 0."
+        gens = [(0, self.path / self.index_file)] if (self.path / self.index_file).exists() else []
+        for p in (self.path / self.index_dir).glob("gen-*.json"):
+            try: gens.append((int(p.stem[4:]), p))
+            except ValueError: pass
+        return sorted(gens)
+
+    def _base(self):
+        "(number, content) of the newest generation; None if it vanished while being read (compacted meanwhile)."
+        gens = self._generations()
+        if not gens: return -1, self._empty()
+        g, p = gens[-1]
+        idx = _load(p)
+        return None if idx is None else (g, self._checked(idx, p))
+
+    def _additions(self):
+        "[(file, content)] of the builds not folded into a generation yet, oldest first; None if one vanished."
+        out = []
+        for p in sorted((self.path / self.index_dir).glob("add-*.json")):
+            a = _load(p)
+            if a is None: return None
+            out.append((p, self._checked(a, p)))
+        return out
+
+    def _read_index(self) -> dict:
+        "The current index: the newest generation and, on top, the additions not folded into it yet."
+        if not self.path.exists(): return self._empty()
+        for _ in range(1000):
+            adds = self._additions()  # first the additions, then the generation: see the proof below
+            base = self._base() if adds is not None else None
+            if base is not None: break
+        else: raise DataError(f"{self.path}: the index keeps changing while it is read")
+        idx = base[1]
+        for _, a in adds: idx = _merged(idx, a["items"], a["skipped"], a["shards"])
         return idx
 
     @property
@@ -139,11 +183,16 @@ class FeatureStore:
     # --- building -------------------------------------------------------------------------
     @contextmanager
     def _lock(self):
+        "The builders' lock; where the file system has no locks, a warning and no lock (builds stay lossless)."
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f".{self.key}.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try: fcntl.flock(f, fcntl.LOCK_EX); locked = True
+            except OSError as e:  # ENOLCK, EOPNOTSUPP: some network and FUSE file systems
+                warnings.warn(f"{self.root}: no file locks ({e.strerror}); building without one", stacklevel=4)
+                locked = False
             try: yield
-            finally: fcntl.flock(f, fcntl.LOCK_UN)
+            finally:
+                if locked: fcntl.flock(f, fcntl.LOCK_UN)
 
     def _needs(self, idx: dict, k: str) -> bool:
         sig = _signature(k)
@@ -155,15 +204,15 @@ class FeatureStore:
         "Compute and store the features of every path not stored yet (or changed since); report what was done."
         t0, keys = time.time(), list(dict.fromkeys(_key(p) for p in paths))
         with self._lock():
-            for old in self.root.glob(f".tmp-{self.key}-*"):
-                if _orphaned(old): shutil.rmtree(old, ignore_errors=True)  # a killed builder's leftovers
+            for old in [*self.root.glob(f".tmp-{self.key}-*"), *(self.path / self.index_dir).glob(".*.tmp")]:
+                if _orphaned(old): shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
             idx = self._read_index()
             todo = [k for k in keys if self._needs(idx, k)]
             if todo:
                 tmp = self.root / f".tmp-{self.key}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 try:
                     items, skipped, shards = self._compute(todo, tmp / self.shard_dir, verbose)
-                    idx = self._commit(tmp, idx, items, skipped, shards)
+                    idx = self._commit(tmp, items, skipped, shards)
                 finally: shutil.rmtree(tmp, ignore_errors=True)
             self._index, self._mmaps = idx, {}
         rep = BuildReport(computed=len(todo) - sum(k in idx["skipped"] for k in todo), reused=len(keys) - len(todo),
@@ -208,26 +257,58 @@ class FeatureStore:
         shards.update(writer.close())
         return items, {k: {"reason": r, "signature": _signature(k)} for k, r in skipped.items()}, shards
 
-    def _commit(self, tmp: Path, idx: dict, items: dict, skipped: dict, shards: dict) -> dict:
-        "Move the new shards in and write the new index (atomically; the index is written last)."
+    def _commit(self, tmp: Path, items: dict, skipped: dict, shards: dict) -> dict:
+        "Move the new shards in, then record them in a new index file of their own (written atomically, last)."
         if not self.path.exists():
-            new = _merged(idx, items, skipped, shards)
+            new = _merged(self._empty(), items, skipped, shards)
             atomic_write_json(tmp / self.config_file, self.spec)
-            self._write_index(tmp, new)
+            atomic_write_json(tmp / self.skipped_file, _reasons(new))
+            atomic_write_json(tmp / self.index_file, new)
             try:
                 os.rename(tmp, self.path)  # the whole store appears at once
                 return new
-            except OSError:  # another builder (without a working lock) created it first: add to theirs
-                idx = self._read_index()
-        new = _merged(idx, items, skipped, shards)
+            except OSError: pass  # another builder (without a working lock) created it first: add to theirs
         (self.path / self.shard_dir).mkdir(parents=True, exist_ok=True)
-        for s in shards: os.rename(tmp / self.shard_dir / s, self.path / self.shard_dir / s)
-        self._write_index(self.path, new)
+        moved = []
+        try:
+            for s in shards:
+                os.rename(tmp / self.shard_dir / s, self.path / self.shard_dir / s); moved.append(s)
+            name = f"add-{time.time_ns():020d}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+            atomic_write_json(self.path / self.index_dir / name, {**self._empty(), "shards": shards, "items": items,
+                                                                  "skipped": skipped})
+        except BaseException:  # no index names them: take the shards back out
+            for s in moved: (self.path / self.shard_dir / s).unlink(missing_ok=True)
+            raise
+        self._compact()
+        new = self._read_index()
+        atomic_write_json(self.path / self.skipped_file, _reasons(new))
         return new
 
-    def _write_index(self, folder: Path, idx: dict):
-        atomic_write_json(folder / self.skipped_file, {k: v["reason"] for k, v in idx["skipped"].items()})
-        atomic_write_json(folder / self.index_file, idx)
+    def _compact(self) -> bool:
+        "Fold the builds' index files into a new generation of the index; safe with or without the lock."
+        folder = self.path / self.index_dir
+        adds = sorted(folder.glob("add-*.json"))
+        base = self._base() if adds else None
+        if base is None or base[0] < 0: return False
+        g, idx = base
+        folded = []
+        for p in adds:
+            a = _load(p)
+            if a is None: continue  # folded by another builder meanwhile: that builder's generation is g + 1
+            idx = _merged(idx, *(self._checked(a, p)[k] for k in ("items", "skipped", "shards")))
+            folded.append(p)
+        idx["format"] = STORE_FORMAT
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".gen-{_HOST}-{os.getpid()}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(idx, f); f.flush(); os.fsync(f.fileno())
+            os.link(tmp, folder / f"gen-{g + 1:06d}.json")  # creates it only if no one else has: exclusive
+        except OSError: return False  # another builder made generation g + 1 first (or no hard links here)
+        finally: os.unlink(tmp)
+        for p in folded: p.unlink(missing_ok=True)  # they are in generation g + 1, and so in every later one
+        for h, p in self._generations():
+            if h < g: p.unlink(missing_ok=True)     # keep generation g for readers that are reading it now
+        return True
 
     def info(self) -> dict:
         "Items, skipped files, shards, bytes on disk, frames."
@@ -250,6 +331,13 @@ def _orphaned(tmp: Path, max_age: float = 86400.0) -> bool:
     except (ValueError, PermissionError, OSError): pass
     try: return time.time() - tmp.stat().st_mtime > max_age
     except OSError: return False
+
+def _load(p: Path):
+    "The JSON content of `p`, or None if it does not exist (any more)."
+    try: return json.loads(p.read_text())
+    except FileNotFoundError: return None
+
+def _reasons(idx: dict) -> dict: return {k: v["reason"] for k, v in idx["skipped"].items()}
 
 def _merged(idx: dict, items: dict, skipped: dict, shards: dict) -> dict:
     "The index `idx` with new items, skipped files and shards (an item and a skip replace each other)."
