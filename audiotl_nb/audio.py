@@ -283,7 +283,7 @@ def mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max, mel_scale="slaney",
     return fb.float()
 
 # %% ../nbs/02_audio.ipynb #0f35eab0
-_CPU_PIECE = 2 ** 20  # frame samples per piece of a CPU batch: 4 MB of windowed frames, 4 MB of spectrum
+_CPU_PIECE = 2 ** 20  # frame samples per piece of a CPU batch and thread: 4 MB of windowed frames, 4 MB of spectrum
 
 def _pad_edges(x: torch.Tensor, p: int, mode: str) -> torch.Tensor:
     "`F.pad(x, (p, p), mode)` for (B, N), padding copies of the two ends only (all but circular padding are local)."
@@ -343,7 +343,8 @@ class LogMelFrontend(Frontend):
         else:
             bands = [(lo, hi, self.fb[lo:hi, a:b]) for a, b, lo, hi in self._bands]
         step = len(x)
-        if x.device.type == "cpu": step = max(1, _CPU_PIECE // (self._natural_frames(x.shape[-1]) * c.n_fft))
+        if x.device.type == "cpu":  # a piece per thread's worth: fewer, larger parallel steps with more threads
+            step = max(1, _CPU_PIECE * torch.get_num_threads() // (self._natural_frames(x.shape[-1]) * c.n_fft))
         out = []
         for part in x.split(step):
             xp = _pad_edges(part, p, c.pad_mode) if c.center else part
