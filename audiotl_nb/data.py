@@ -779,9 +779,11 @@ class AudioDataset(Dataset):
 
     @classmethod
     def from_task(cls, task: Task, split: str, **kwargs):
-        "The dataset of `split` of `task` (classes, kind, clip length and frame hop from the task)."
-        kw = dict(classes=task.classes, kind=task.kind, clip_seconds=task.clip_seconds,
-                  frame_hop=task.frame_hop or 0.04, n_frames=task.n_frames)
+        "The dataset of `split` of `task` (classes, kind, clip length and frame hop from the task unless given)."
+        clip = kwargs.get("clip_seconds", task.clip_seconds)
+        hop = kwargs.get("frame_hop", task.frame_hop or 0.04)
+        n_frames = int(round(clip / hop)) if task.kind == "frames" and clip else None   # frame targets follow the clip length
+        kw = dict(classes=task.classes, kind=task.kind, clip_seconds=clip, frame_hop=hop, n_frames=n_frames)
         return cls(task.items(split), **{**kw, **kwargs})
 
     def _encode(self):
@@ -816,6 +818,7 @@ class AudioDataset(Dataset):
         "The waveform of item `i` at `sample_rate`, its segment only, before padding/cropping."
         path, start, dur = self._segment(i)
         x, _ = load_audio(path, sr=self.sample_rate, offset=start, duration=dur)
+        if x.numel() == 0: raise DataError(f"{path}: no audio (0 samples)")   # as the feature store skips it
         if not torch.isfinite(x).all(): raise DataError(f"{path}: audio contains NaN or infinite samples")
         return x.reshape(-1).float()
 

@@ -501,3 +501,39 @@ def test_store_loader_with_workers_skips_unstorable_files(tmp_path):
     torch.testing.assert_close(xs[0][:, keep], ref[0][0][:, keep], atol=0.05, rtol=0)
     with pytest.raises(ConfigError, match="differs from the feature store"):
         AudioDataset.from_task(task, "test", frontend="panns32k", store=store)
+
+
+def test_clip_seconds_override_sets_the_frame_targets(tmp_path):
+    "A clip length given to from_task / make_dataloader(s) overrides the task's, and the frame targets follow it."
+    p = wav(tmp_path / "c.wav", seconds=4.0, sr=8000)
+    items = pd.DataFrame({"path": [str(p)], "label": [("e",)], "events": [[(2.0, 2.4, "e"), (0.4, 0.8, "e")]]})
+    task = Task("t", "frames", ["e"], {"train": items, "dev": items}, clip_seconds=4.0, frame_hop=0.04)
+    assert AudioDataset.from_task(task, "train", sample_rate=8000)[0][1].shape == (100, 1)
+    x, y = AudioDataset.from_task(task, "train", sample_rate=8000, clip_seconds=2.0)[0]
+    assert x.shape == (16000,) and y.shape == (50, 1)
+    np.testing.assert_array_equal(y.numpy(), frame_targets([(2.0, 2.4, 0), (0.4, 0.8, 0)], 50, 0.04, 1))
+    assert np.flatnonzero(y[:, 0].numpy()).tolist() == list(range(10, 20))        # 0.4-0.8 s; the 2.0 s event is cut off
+    # another hop (and an explicit frame count) still win
+    assert AudioDataset.from_task(task, "train", sample_rate=8000, clip_seconds=2.0, frame_hop=0.1)[0][1].shape == (20, 1)
+    assert AudioDataset.from_task(task, "train", sample_rate=8000, clip_seconds=2.0, n_frames=7)[0][1].shape == (7, 1)
+    xb, yb = next(iter(make_dataloader(task, "train", bs=1, sample_rate=8000, clip_seconds=2.0, device="cpu")))
+    assert xb.shape == (1, 16000) and yb.shape == (1, 50, 1)
+    dls = make_dataloaders(task, bs=1, sample_rate=8000, clip_seconds=1.0, random_crop=False, device="cpu")
+    for dl in (dls.train, dls.valid):
+        xb, yb = next(iter(dl))
+        assert xb.shape == (1, 8000) and yb.shape == (1, 25, 1)
+
+
+def test_zero_length_audio_is_reported_and_skipped(tmp_path):
+    "A WAV with a valid header and no samples is skipped like unreadable audio, with the feature store's reason."
+    good = [str(wav(tmp_path / f"g{k}.wav", seconds=0.2, freq=300 + 100 * k)) for k in range(2)]
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    items = pd.DataFrame({"path": [good[0], str(empty), good[1]], "label": "a"})
+    ds = AudioDataset(items, ["a"], clip_seconds=0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x1 = ds[1][0]
+    assert ds.failures == [(str(empty), "no audio (0 samples)")]
+    assert torch.equal(x1, ds[2][0])                                                # the slot holds the next clip
+    assert any(f"skipping unreadable audio {empty}: no audio (0 samples)" in str(w.message) for w in caught)

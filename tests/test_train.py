@@ -52,6 +52,14 @@ def bad_task(world, **kw):
     return dict(task="dcase2018_bad", root=str(world.tasks["dcase2018_bad"]), **{**TINY, **kw})
 
 
+def skipped(run_dir) -> pd.DataFrame:
+    "The run's skipped.csv, checked for its columns and its line in the log."
+    df = pd.read_csv(Path(run_dir) / "skipped.csv")
+    assert list(df.columns) == ["split", "path", "reason"]
+    assert f"skipped {len(df)} clips" in (Path(run_dir) / "log.txt").read_text()
+    return df
+
+
 # --- specs ---------------------------------------------------------------------------------------------------
 def test_spec_defaults_are_the_papers():
     p, f = PretrainSpec(), FinetuneSpec()
@@ -110,6 +118,7 @@ def test_pretrain_run_directory(pretrained, world):
     from audiotl_nb.models.core import load_checkpoint
     ck = load_checkpoint(rd / "model.pt", expect_frontend="panns16k")
     assert ck["model"]["name"] == "cnn10" and ck["frontend"]["name"] == "panns16k" and len(ck["labels"]) == 49
+    assert len(skipped(rd)) == 0                                                      # nothing skipped: the header only
 
 
 def test_finetune_from_pretrained(pretrained, world, tmp_path):
@@ -235,6 +244,7 @@ def test_linear_probe_matches_sklearn(pretrained, world, tmp_path):
     r = run_spec(dict(kind="linear_probe", task="speechcommands", root=str(world.tasks["speechcommands"]),
                       pretrained=str(pretrained.run_dir / "model.pt"), Cs=[0.1, 1.0], **TINY), tmp_path / "lp")
     assert list(r.history.C) == [0.1, 1.0] and r.metrics["C"] in (0.1, 1.0)
+    assert len(skipped(r.run_dir)) == 0
     model = model_from_checkpoint(r.run_dir / "model.pt")
     task = get_task("speechcommands", world.tasks["speechcommands"])
     dls = {s: make_dataloader(task, s, bs=8, clip_seconds=1.0) for s in ("train", "test")}
@@ -259,6 +269,7 @@ def test_pairtune(pretrained, world, tmp_path):
     sd = torch.load(r.run_dir / "model.pt", weights_only=True)["state_dict"]
     assert not any(k.startswith(("proj.", "encoder.")) for k in sd)                      # the projection is dropped
     assert sd["fc_audioset.weight"].shape == (2, 64)
+    assert len(skipped(r.run_dir)) == 0
 
 
 def test_projection_head():
@@ -288,6 +299,7 @@ def test_ssl_pretrain_and_finetune(world, tmp_path):
     assert ck["model"]["pooling"] == "mean" and ck["model"]["head_dropout"] == 0.2
     pre = torch.load(r.run_dir / "model.pt", weights_only=True)["state_dict"]
     assert pre["mask_emb"].shape == ck["state_dict"]["mask_emb"].shape
+    assert len(skipped(r.run_dir)) == 0 and len(skipped(f.run_dir)) == 0
 
 
 # --- SED teachers and distillation ---------------------------------------------------------------------------
@@ -302,6 +314,7 @@ def test_sed_teachers_and_distillation(pretrained, world, tmp_path):
     kd = run_spec(dict(kind="distill", teachers=[str(t1.run_dir / "model.pt"), str(t2.run_dir / "model.pt")], **sk),
                   tmp_path / "kd")
     assert kd.status == "done" and np.isfinite(kd.history.train_loss).all()
+    assert len(skipped(t1.run_dir)) == 0 and len(skipped(kd.run_dir)) == 0
     # the stored predictions are the mean of the teachers' frame logits
     from audiotl_nb.data import get_task, make_dataloader
     from audiotl_nb.models.core import model_from_checkpoint
@@ -312,3 +325,106 @@ def test_sed_teachers_and_distillation(pretrained, world, tmp_path):
     zs = [predict(model_from_checkpoint(t.run_dir / "model.pt"), dl, fn=lambda m, x: m.frame_logits(x))[0] for t in (t1, t2)]
     assert stored.shape == (40, 25, 49)
     np.testing.assert_allclose(stored.astype(np.float32), ((zs[0] + zs[1]) / 2).numpy(), atol=2e-2)
+
+
+# --- skipped clips ------------------------------------------------------------------------------------------------
+def _damaged_copy(world, name, tmp_path):
+    "A copy of a task's data with one listed test clip deleted and one training clip corrupted. Returns (root, removed, broken)."
+    import shutil
+    root = tmp_path / name
+    shutil.copytree(world.tasks[name] if name in world.tasks else world.audioset, root)
+    task = quiet_task(name, root)
+    removed, broken = sorted(task.items("test").path)[0], sorted(task.items("train").path)[0]
+    os.unlink(removed)
+    Path(broken).write_bytes(b"RIFF" + bytes(range(200)))
+    return root, removed, broken
+
+
+def quiet_task(name, root):
+    from audiotl_nb.data import get_task
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_task(name, root)
+
+
+def test_linear_probe_lists_skipped_clips(pretrained, world, tmp_path):
+    "Missing and unreadable clips of a linear probe's loaders (not the fastai training loop) are in skipped.csv."
+    root, removed, broken = _damaged_copy(world, "speechcommands", tmp_path)
+    r = run_spec(dict(kind="linear_probe", task="speechcommands", root=str(root),
+                      pretrained=str(pretrained.run_dir / "model.pt"), **TINY), tmp_path / "lp")
+    df = skipped(r.run_dir)
+    assert r.status == "done" and (Path(r.run_dir) / ".unreadable.csv").exists()
+    assert df.set_index("path").loc[removed].tolist() == ["test", "missing"]
+    split, why = df.set_index("path").loc[broken].tolist()
+    assert split == "train" and why != "missing"
+    assert len(df) == 2
+
+
+def test_skipped_manifest_survives_resume_and_force(world, tmp_path):
+    "A clip reported before an interruption stays in skipped.csv after the resume; force=True starts the list afresh."
+    from fastai.callback.core import Callback
+    root, removed, broken = _damaged_copy(world, "dcase2018_bad", tmp_path)
+    spec = dict(task="dcase2018_bad", root=str(root), **{**TINY, "epochs": 2, "bs": 64})   # one batch: every clip drawn
+    class Stop(Callback):
+        order = 40
+        def after_epoch(self):
+            if self.epoch == 0 and getattr(self.learn, "in_training_run", False): raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt): finetune(spec, tmp_path / "r", cbs=[Stop()])
+    assert broken in set(skipped(tmp_path / "r").path)                   # written by the failed attempt too
+    r = finetune(spec, tmp_path / "r")
+    df = skipped(r.run_dir)
+    assert {removed, broken} <= set(df.path) and not df.duplicated().any()
+    assert "resuming after epoch 0" in (Path(r.run_dir) / "log.txt").read_text()
+    # a forced re-run of another spec on intact data starts with an empty list
+    r2 = finetune({**bad_task(world), "epochs": 1}, tmp_path / "r", force=True)
+    assert len(skipped(r2.run_dir)) == 0
+
+
+# --- mixed precision and channels-last ---------------------------------------------------------------------------
+class _Probe:
+    "A forward hook on the model's first convolution: the dtype of its output and the memory format of its input."
+    def __init__(self): self.seen = []
+    def __call__(self, module, inputs, output):
+        if module.training: self.seen.append((output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+
+
+def _amp_run(world, tmp_path, device):
+    from fastai.callback.core import Callback
+    probe, weights = _Probe(), {}
+    class Hook(Callback):
+        order = -10
+        def before_fit(self):
+            conv = self.learn.raw_model.conv_block1.conv1
+            self.h = conv.register_forward_hook(probe)
+        def after_fit(self):
+            self.h.remove()
+            weights["cl"] = self.learn.raw_model.conv_block1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    r = finetune(bad_task(world, epochs=1, amp=True, channels_last=True, device=device), tmp_path / f"amp-{device}", cbs=[Hook()])
+    return r, probe.seen, weights
+
+
+def test_amp_and_channels_last_on_cpu(world, tmp_path):
+    "amp=True runs the CPU forward pass under bfloat16 autocast; channels_last stores weights and inputs channels-last."
+    r, seen, weights = _amp_run(world, tmp_path, "cpu")
+    assert r.status == "done" and np.isfinite(r.history.train_loss).all() and np.isfinite(r.test["loss"])
+    assert seen and all(dt == torch.bfloat16 and cl for dt, cl in seen)
+    assert weights["cl"]
+    log = (Path(r.run_dir) / "log.txt").read_text()
+    assert "amp: bfloat16 autocast on cpu" in log and "channels_last on cpu" in log
+    # without amp the same convolution computes in float32
+    probe = _Probe()
+    from audiotl_nb.models.core import model_from_checkpoint
+    m = model_from_checkpoint(r.run_dir / "model.pt").train()
+    m.conv_block1.conv1.register_forward_hook(probe)
+    m(torch.randn(2, 16000))
+    assert probe.seen[0][0] == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_and_channels_last_on_cuda(world, tmp_path):
+    "On CUDA amp=True trains in float16 with fastai's MixedPrecision (loss scaling); inputs and weights channels-last."
+    r, seen, weights = _amp_run(world, tmp_path, "cuda")
+    assert r.status == "done" and np.isfinite(r.history.train_loss).all()
+    assert seen and all(dt == torch.float16 and cl for dt, cl in seen)
+    assert weights["cl"] and "amp: float16 autocast on cuda" in (Path(r.run_dir) / "log.txt").read_text()

@@ -32,24 +32,26 @@ from torch import nn
 from ..audio import create_frontend
 from ..core import (AudiotlError, CheckpointError, ConfigError, Config, Registry, RunDir, atomic_torch_save,
                     atomic_write_text, check_name, get_device, seed_everything)
-from ..data import SamplerEpochCallback, Task, get_task, make_dataloaders
+from ..data import SamplerEpochCallback, Task, get_task, make_dataloader, make_dataloaders
 from ..losses import BalancedCE, BCEWithLogits
 from ..metrics import CLIP_METRICS, get_metric, median_filter, psds1
 from ..models.core import (CHECKPOINT_FORMAT, MODELS, check_frontend, create_model, list_models,
                            param_groups_lrd, replace_head, save_checkpoint)
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'OPTIMIZERS', 'KEEP', 'FEATURES', 'LOSS_NAMES', 'SPECS', 'TRAINER_MODULES', 'DEFAULT_METRICS', 'TRAINERS',
-           'warmup_factor', 'Schedule', 'create_schedule', 'ConstantSchedule', 'StepDecaySchedule', 'CosineSchedule',
-           'TriStageSchedule', 'LinearSchedule', 'LRScheduler', 'TrainSpec', 'PretrainSpec', 'FinetuneSpec',
-           'register_spec', 'spec_from_dict', 'dist_rank', 'is_main_process', 'distributed', 'gather_objects',
-           'train_device', 'DDPCallback', 'frontend_holder', 'frontend_detached', 'FeatureCallback',
-           'NonFiniteLossError', 'NonFiniteCallback', 'compute_metrics', 'EvalCallback', 'predict', 'rng_state',
-           'set_rng_state', 'read_resume_checkpoint', 'RunRecorder', 'make_optimizer_func', 'param_groups', 'fit_run',
+__all__ = ['SCHEDULES', 'OPTIMIZERS', 'KEEP', 'FEATURES', 'LOSS_NAMES', 'SPECS', 'TRAINER_MODULES', 'DEFAULT_METRICS',
+           'SKIPPED_FILE', 'UNREADABLE_FILE', 'SKIPPED_COLUMNS', 'TRAINERS', 'warmup_factor', 'Schedule',
+           'create_schedule', 'ConstantSchedule', 'StepDecaySchedule', 'CosineSchedule', 'TriStageSchedule',
+           'LinearSchedule', 'LRScheduler', 'TrainSpec', 'PretrainSpec', 'FinetuneSpec', 'register_spec',
+           'spec_from_dict', 'dist_rank', 'is_main_process', 'distributed', 'gather_objects', 'train_device',
+           'DDPCallback', 'frontend_holder', 'frontend_detached', 'FeatureCallback', 'NonFiniteLossError',
+           'NonFiniteCallback', 'compute_metrics', 'EvalCallback', 'predict', 'rng_state', 'set_rng_state',
+           'read_resume_checkpoint', 'RunRecorder', 'Autocast', 'make_optimizer_func', 'param_groups', 'fit_run',
            'TrainResult', 'managed_run', 'finished_result', 'task_from_spec', 'frontend_from_spec',
-           'dataloaders_from_spec', 'load_state_except_head', 'read_checkpoint_file', 'load_pretrained',
-           'model_from_spec', 'make_loss', 'metrics_for', 'augment_from_spec', 'setup_run', 'supervised_run',
-           'pretrain', 'finetune', 'register_trainer', 'run_spec', 'train_main']
+           'dataloaders_from_spec', 'eval_loader', 'load_state_except_head', 'read_checkpoint_file', 'load_pretrained',
+           'model_from_spec', 'make_loss', 'metrics_for', 'augment_from_spec', 'skipped_clips', 'write_skipped',
+           'setup_run', 'resolve_run', 'TrainingRun', 'training_run', 'supervised_run', 'pretrain', 'finetune',
+           'register_trainer', 'run_spec', 'train_main']
 
 # %% ../../nbs/08_train.ipynb #3e94c3fa
 def _steps(v, total: int) -> int:
@@ -209,8 +211,8 @@ class TrainSpec(Config):
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
-    amp: bool = False                    # mixed precision (CUDA only; ignored on the CPU)
-    channels_last: bool = False          # channels-last memory format (CUDA only; ignored on the CPU)
+    amp: bool = False                    # mixed precision: float16 + loss scaling on CUDA, bfloat16 on the CPU
+    channels_last: bool = False          # channels-last memory format for the model and its 4-d inputs
     num_workers: int = 0
     num_threads: int | None = None       # torch CPU threads for this run (None: leave as is)
     checkpoint_every: int = 1            # epochs between resume checkpoints
@@ -384,7 +386,7 @@ class FeatureCallback(Callback):
         if self.frontend is not None and x.dim() == 2:
             with torch.no_grad(): x = self.frontend(x)
         if train and self.spec is not None: x, ys = self._augment(self.spec, x, ys, True)
-        if self.channels_last and x.dim() == 4 and x.is_cuda: x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last and x.dim() == 4: x = x.contiguous(memory_format=torch.channels_last)
         return x, ys
 
     def before_batch(self):
@@ -606,6 +608,22 @@ class RunRecorder(Callback):
                                "best_epoch": self.best_epoch, "best_value": self.best_value}, self.rd / "last.pt")
 
 # %% ../../nbs/08_train.ipynb #0f4a5f5e
+class Autocast(Callback):
+    "Run the forward pass and the loss under `torch.autocast(device_type, dtype)`; predictions come back as float32."
+    order = 10
+    def __init__(self, device_type: str = "cpu", dtype: torch.dtype = torch.bfloat16):
+        self.device_type, self.dtype, self._ctx = device_type, dtype, None
+    def before_batch(self):
+        self._ctx = torch.autocast(self.device_type, dtype=self.dtype); self._ctx.__enter__()
+    def after_pred(self):
+        if torch.is_tensor(self.learn.pred) and self.learn.pred.is_floating_point(): self.learn.pred = self.learn.pred.float()
+    def _exit(self):
+        if self._ctx is not None: self._ctx.__exit__(None, None, None); self._ctx = None
+    def after_loss(self): self._exit()
+    def after_cancel_batch(self): self._exit()
+    def after_batch(self): self._exit()
+
+
 def make_optimizer_func(spec: TrainSpec) -> Callable:
     "A fastai `opt_func`: torch's optimiser named by `spec.optimizer`, wrapped in `OptimWrapper`."
     if spec.optimizer == "sgd": return partial(OptimWrapper, opt=torch.optim.SGD, momentum=spec.betas[0], weight_decay=spec.weight_decay)
@@ -639,7 +657,7 @@ def fit_run(spec: TrainSpec, rd: RunDir, model: nn.Module, dls, loss_func, *, ki
     if resume is not None and resume.get("format") != "audiotl_nb.resume/1": resume = None
     ev = EvalCallback(kind, metrics, classes, frame_hop, getattr(spec, "median_frames", 12))
     run_cb = RunRecorder(rd, metric, spec.keep, resume, spec.checkpoint_every, verbose)
-    feat = FeatureCallback(frontend, wave_aug, spec_aug, views, spec.channels_last and cuda).to(device)
+    feat = FeatureCallback(frontend, wave_aug, spec_aug, views, spec.channels_last).to(device)
     cbs = [SamplerEpochCallback(), DDPCallback(), feat,
            LRScheduler(create_schedule(spec.schedule, **spec.schedule_kw), base_lrs), NonFiniteCallback(), ev, run_cb, *extra_cbs]
     learn = _quiet(Learner(dls, model, loss_func=loss_func, opt_func=make_optimizer_func(spec),
@@ -649,10 +667,11 @@ def fit_run(spec: TrainSpec, rd: RunDir, model: nn.Module, dls, loss_func, *, ki
         if cuda:
             from fastai.callback.fp16 import MixedPrecision
             learn.add_cb(MixedPrecision())
-        elif is_main_process(): rd.log("amp requested: ignored on the CPU (mixed precision needs CUDA)")
+        else: learn.add_cb(Autocast(device.type, torch.bfloat16))
+        if is_main_process(): rd.log(f"amp: {'float16' if cuda else 'bfloat16'} autocast on {device.type}")
     if spec.channels_last:
-        if cuda: model.to(memory_format=torch.channels_last)
-        elif is_main_process(): rd.log("channels_last requested: ignored on the CPU")
+        model.to(memory_format=torch.channels_last)
+        if is_main_process(): rd.log(f"channels_last on {device.type}")
     learn.create_opt()
     start = 0
     if resume is not None:
@@ -723,7 +742,7 @@ def _check_spec(rd: RunDir, spec: TrainSpec, force: bool):
         raise ConfigError(f"{rd.path} holds a run of a different spec (differing: {', '.join(diff)}); "
                           "use another run directory or force=True to start over")
     if is_main_process():
-        for f in ("last.pt", "best.pt", rd.metrics_file, rd.history_file, rd.model_file):
+        for f in ("last.pt", "best.pt", rd.metrics_file, rd.history_file, rd.model_file, SKIPPED_FILE, UNREADABLE_FILE):
             (rd / f).unlink(missing_ok=True)
 
 
@@ -786,7 +805,8 @@ def task_from_spec(spec: TrainSpec) -> Task:
 def frontend_from_spec(spec: TrainSpec) -> nn.Module | None:
     return None if spec.frontend is None else create_frontend(spec.frontend)
 
-def dataloaders_from_spec(spec: TrainSpec, task: Task, frontend: nn.Module | None = None, sampler: str | None = None):
+def dataloaders_from_spec(spec: TrainSpec, task: Task, frontend: nn.Module | None = None, sampler: str | None = None,
+                          bad_file_log=None):
     "fastai DataLoaders of waveforms at the front-end's rate (or stored features with `features='store'`)."
     sr = int(frontend.sample_rate) if frontend is not None else spec.sample_rate
     store = None
@@ -799,7 +819,14 @@ def dataloaders_from_spec(spec: TrainSpec, task: Task, frontend: nn.Module | Non
         store.reload()
     return make_dataloaders(task, bs=spec.bs, valid_bs=spec.valid_bs, sampler=sampler or spec.sampler,
                             num_samples=spec.num_samples, sample_rate=sr, clip_seconds=spec.clip_seconds, store=store,
-                            num_workers=spec.num_workers, seed=spec.seed, device=train_device(spec.device))
+                            num_workers=spec.num_workers, seed=spec.seed, device=train_device(spec.device),
+                            bad_file_log=bad_file_log)
+
+def eval_loader(spec: TrainSpec, task: Task, split: str, frontend: nn.Module | None = None, bad_file_log=None):
+    "A loader of every clip of `split` once, in order (waveforms at the front-end's rate), batch `valid_bs` or `bs`."
+    sr = int(frontend.sample_rate) if frontend is not None else spec.sample_rate
+    return make_dataloader(task, split, bs=spec.valid_bs or spec.bs, sample_rate=sr, clip_seconds=spec.clip_seconds,
+                           num_workers=spec.num_workers, device=train_device(spec.device), bad_file_log=bad_file_log)
 
 
 def _head_keys(model: nn.Module) -> set[str]:
@@ -896,7 +923,34 @@ def augment_from_spec(spec: TrainSpec):
     p = augment_preset(spec.augment, seed=spec.augment_kw.get("seed"))
     return p.get("wave"), p.get("spec")
 
-# %% ../../nbs/08_train.ipynb #ede858c0
+# %% ../../nbs/08_train.ipynb #b401a925
+SKIPPED_FILE, UNREADABLE_FILE = "skipped.csv", ".unreadable.csv"
+SKIPPED_COLUMNS = ["split", "path", "reason"]
+
+def skipped_clips(task: Task, unreadable_log=None) -> pd.DataFrame:
+    "The clips a run on `task` skipped: the task's missing clips and those in `unreadable_log` (path, reason), with their splits."
+    rows = [task.missing.reindex(columns=SKIPPED_COLUMNS)] if len(task.missing) else []
+    log = Path(unreadable_log) if unreadable_log is not None else None
+    if log is not None and log.exists() and log.stat().st_size:
+        bad = pd.read_csv(log, dtype=str).drop_duplicates()
+        where = pd.concat([pd.DataFrame({"split": s, "path": df.path.astype(str)}) for s, df in task.splits.items()],
+                          ignore_index=True)
+        bad = bad.merge(where, on="path", how="left").fillna({"split": ""})
+        rows.append(bad[SKIPPED_COLUMNS])
+    if not rows: return pd.DataFrame(columns=SKIPPED_COLUMNS)
+    out = pd.concat(rows, ignore_index=True).drop_duplicates()
+    return out.sort_values(["split", "path"], kind="stable").reset_index(drop=True)
+
+def write_skipped(rd: RunDir, task: Task) -> pd.DataFrame:
+    "Write `skipped.csv` (split, path, reason) into the run directory and log the count (rank 0 only)."
+    df = skipped_clips(task, rd / UNREADABLE_FILE)
+    if is_main_process():
+        atomic_write_text(rd / SKIPPED_FILE, df.to_csv(index=False))
+        n_missing = int((df.reason == "missing").sum()) if len(df) else 0
+        rd.log(f"skipped {len(df)} clips ({n_missing} missing, {len(df) - n_missing} unreadable): {SKIPPED_FILE}")
+    return df
+
+# %% ../../nbs/08_train.ipynb #36fcfaed
 def setup_run(spec: TrainSpec):
     "Seed every generator (deterministic algorithms if asked) and set the CPU threads of a run."
     if spec.num_threads: torch.set_num_threads(int(spec.num_threads))
@@ -911,30 +965,89 @@ def _write_metrics(rd: RunDir, spec: TrainSpec, task: Task, out: dict, metric: s
     return m
 
 
-def supervised_run(spec: TrainSpec, run_dir, force: bool = False, verbose: bool = False, cbs=()) -> TrainResult:
-    "Train a classifier (or tagger) on `spec.task` as `spec` says; see `pretrain` and `finetune`."
-    done = finished_result(spec, run_dir, force)
-    if done is not None: return done
+def resolve_run(spec, cls, run_dir, force: bool, overrides: dict) -> tuple[TrainSpec, Path, TrainResult | None]:
+    "(the spec as a `cls` with `overrides`, the run directory, the stored result if it holds this spec's finished run)."
+    spec = _as_spec(spec, cls, overrides)
+    run_dir = _run_dir(spec, run_dir)
+    return spec, run_dir, finished_result(spec, run_dir, force)
+
+
+@dataclass
+class TrainingRun:
+    "One run in progress: spec, run directory, task and front-end; builds loaders and the model, saves the results."
+    spec: TrainSpec
+    rd: RunDir
+    task: Task
+    frontend: nn.Module | None
+    t0: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def bad_file_log(self) -> Path: return self.rd.path / UNREADABLE_FILE
+
+    def dataloaders(self, sampler: str | None = None):
+        "The task's training, dev and test loaders (`dataloaders_from_spec`), reporting unreadable clips here."
+        return dataloaders_from_spec(self.spec, self.task, self.frontend, sampler, bad_file_log=self.bad_file_log)
+
+    def eval_loader(self, split: str, frontend=None):
+        "Every clip of `split` once, in order; `frontend` sets the sample rate (default: the run's front-end)."
+        return eval_loader(self.spec, self.task, split, self.frontend if frontend is None else frontend, self.bad_file_log)
+
+    def create_model(self, spec: TrainSpec | None = None, allow_missing: Sequence[str] = ()) -> nn.Module:
+        "The model of `spec` (default: the run's) for the task, fresh or pre-trained; what it started from goes to `info` and the log."
+        model, self.info = model_from_spec(spec or self.spec, self.task.n_classes, self.frontend, allow_missing)
+        if is_main_process(): self.rd.log(f"model {model.config.get('name')}: {self.info}")
+        return model
+
+    def fit(self, model: nn.Module, dls, loss_func, **kwargs) -> dict:
+        "`fit_run` of `model` in this run's directory."
+        return fit_run(self.spec, self.rd, model, dls, loss_func, **kwargs)
+
+    def finish(self, model: nn.Module, out: dict, metric: str, labels="task", checkpoint: dict | None = None,
+               with_info: bool = True, **metrics) -> TrainResult:
+        "Save `model` (rank 0; `checkpoint` added to its extra), write `metrics.json` (`metrics` added) and return the result."
+        if is_main_process():
+            extra = {"kind": self.spec.kind, "best_epoch": out["best_epoch"], "spec_hash": self.spec.hash(),
+                     **(checkpoint or {}), **(self.info if with_info else {})}
+            save_checkpoint(self.rd / self.rd.model_file, model.cpu(),
+                            labels=self.task.classes if labels == "task" else labels, extra=extra)
+        m = _write_metrics(self.rd, self.spec, self.task, out, metric, self.t0, **metrics)
+        return TrainResult(self.rd.path, "done", m, pd.DataFrame(out["history"]))
+
+
+@contextmanager
+def training_run(spec: TrainSpec, run_dir, force: bool = False):
+    """The distributed context and the managed run directory around a trainer's body: seeds, builds the task and
+    front-end and yields a `TrainingRun`; on the way out (finished or failed) writes `skipped.csv`."""
     t0 = time.time()
     with distributed(), managed_run(spec, run_dir, force) as rd:
         setup_run(spec)
         task = task_from_spec(spec)
-        fe = frontend_from_spec(spec)
-        dls = dataloaders_from_spec(spec, task, fe)
-        model, info = model_from_spec(spec, task.n_classes, fe)
-        if is_main_process(): rd.log(f"model {model.config.get('name')}: {info}")
+        run = TrainingRun(spec, rd, task, frontend_from_spec(spec), t0)
+        try: yield run
+        except BaseException:
+            try: write_skipped(rd, task)
+            except Exception: pass     # (e.g. a full disk) the run's own error is the one to report
+            raise
+        write_skipped(rd, task)
+
+# %% ../../nbs/08_train.ipynb #ede858c0
+def supervised_run(spec: TrainSpec, run_dir, force: bool = False, verbose: bool = False, cbs=()) -> TrainResult:
+    "Train a classifier (or tagger) on `spec.task` as `spec` says; see `pretrain` and `finetune`."
+    done = finished_result(spec, run_dir, force)
+    if done is not None: return done
+    with training_run(spec, run_dir, force) as run:
+        task = run.task
+        dls = run.dataloaders()
+        model = run.create_model()
         names, metric = metrics_for(spec, task)
         wave, spec_aug = augment_from_spec(spec)
-        with frontend_detached(model) as detached:
-            out = fit_run(spec, rd, model, dls, make_loss(spec.loss, task), kind=task.kind, classes=task.classes,
+        with frontend_detached(model) as detached:   # the saved model takes waveforms: its front-end goes back after
+            out = run.fit(model, dls, make_loss(spec.loss, task), kind=task.kind, classes=task.classes,
                           metrics=names, metric=metric, frontend=detached if spec.features == "online" else None,
                           wave_aug=wave, spec_aug=spec_aug, frame_hop=task.frame_hop or 0.04,
                           test_dl=dls.test, extra_cbs=cbs, verbose=verbose)
-        if is_main_process():   # the saved model takes waveforms: its front-end is attached again
-            save_checkpoint(rd / rd.model_file, model, labels=task.classes,
-                            extra={"kind": spec.kind, "best_epoch": out["best_epoch"], "spec_hash": spec.hash(), **info})
-        m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), base_lrs=out["base_lrs"])
-    return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
+        return run.finish(model, out, metric, pretrained=run.info.get("pretrained"), base_lrs=out["base_lrs"])
 
 
 def pretrain(spec: PretrainSpec | dict | None = None, run_dir=None, force: bool = False, verbose: bool = False,

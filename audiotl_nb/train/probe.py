@@ -7,9 +7,7 @@ Docs: https://audiotl.github.io/audiotl_nb/train.probe.html.md"""
 # %% ../../nbs/08a_train.probe.ipynb #84ff046f
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -20,14 +18,11 @@ from fastai.callback.core import Callback
 from torch import nn
 
 from ..core import ConfigError, atomic_write_text
-from ..data import Task, make_dataloader
+from ..data import Task
 from ..losses import SupConLoss
-from ..models.core import save_checkpoint
-from .core import (TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
-                                   compute_metrics, dataloaders_from_spec, distributed, finished_result, fit_run,
-                                   frontend_detached, frontend_from_spec, is_main_process, managed_run, metrics_for,
-                                   model_from_spec, predict, register_spec, register_trainer, setup_run, task_from_spec,
-                                   train_device)
+from .core import (TrainResult, TrainSpec, TrainingRun, compute_metrics, frontend_detached,
+                                   is_main_process, metrics_for, predict, register_spec, register_trainer, resolve_run,
+                                   train_device, training_run)
 
 # %% auto #0
 __all__ = ['LinearProbeSpec', 'embeddings', 'fit_logistic', 'set_head', 'probe_head', 'linear_probe', 'PairTuneSpec', 'Projected',
@@ -110,39 +105,29 @@ def probe_head(model, task: Task, loaders: dict, frontend, spec, metric: str, na
             "n_features": Xtr.shape[1]}
 
 
-def _eval_loaders(spec, task, frontend, splits=None) -> dict:
-    sr = int(frontend.sample_rate) if frontend is not None else spec.sample_rate
-    splits = splits or [s for s in ("train", "dev", "test") if s in task.splits]
-    return {s: make_dataloader(task, s, bs=spec.valid_bs or spec.bs, sample_rate=sr, clip_seconds=spec.clip_seconds,
-                               num_workers=spec.num_workers, device=train_device(spec.device)) for s in splits}
+def _eval_loaders(run: TrainingRun, frontend, splits=None) -> dict:
+    "Loaders of every clip of `splits` (default: train, dev and test), in order."
+    splits = splits or [s for s in ("train", "dev", "test") if s in run.task.splits]
+    return {s: run.eval_loader(s, frontend) for s in splits}
 
 
 def linear_probe(spec: LinearProbeSpec | dict | None = None, run_dir=None, force: bool = False, verbose: bool = False,
                  cbs=(), **overrides) -> TrainResult:
     "Paper 2's linear protocol on a frozen encoder (`LinearProbeSpec`; keyword arguments override its fields)."
-    spec = _as_spec(spec, LinearProbeSpec, overrides)
-    run_dir = _run_dir(spec, run_dir)
-    done = finished_result(spec, run_dir, force)
+    spec, run_dir, done = resolve_run(spec, LinearProbeSpec, run_dir, force, overrides)
     if done is not None: return done
-    t0 = time.time()
-    with distributed(), managed_run(spec, run_dir, force) as rd:
-        setup_run(spec)
-        task = task_from_spec(spec)
-        fe = frontend_from_spec(spec)
-        model, info = model_from_spec(spec, task.n_classes, fe)
+    with training_run(spec, run_dir, force) as run:
+        task, rd = run.task, run.rd
+        model = run.create_model()
         names, metric = metrics_for(spec, task)
         model.to(train_device(spec.device))
         with frontend_detached(model) as detached:
-            res = probe_head(model, task, _eval_loaders(spec, task, detached), detached, spec, metric, names)
+            res = probe_head(model, task, _eval_loaders(run, detached), detached, spec, metric, names)
         set_head(model, res["W"], res["b"])
         out = {"history": res["history"], "best_epoch": res["best"], "dev": res["dev"], "test": res["test"]}
-        if is_main_process():
-            atomic_write_text(rd / rd.history_file, pd.DataFrame(res["history"]).to_csv(index=False))
-            save_checkpoint(rd / rd.model_file, model.cpu(), labels=task.classes,
-                            extra={"kind": spec.kind, "C": res["C"], "spec_hash": spec.hash(), **info})
-        m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), C=res["C"],
-                           n_features=res["n_features"])
-    return TrainResult(Path(run_dir), "done", m, pd.DataFrame(res["history"]))
+        if is_main_process(): atomic_write_text(rd / rd.history_file, pd.DataFrame(res["history"]).to_csv(index=False))
+        return run.finish(model, out, metric, checkpoint={"C": res["C"]}, pretrained=run.info.get("pretrained"),
+                          C=res["C"], n_features=res["n_features"])
 
 register_trainer("linear_probe", linear_probe);
 
@@ -188,41 +173,30 @@ class ProbeCurve(Callback):
 def pairtune(spec: PairTuneSpec | dict | None = None, run_dir=None, force: bool = False, verbose: bool = False,
              cbs=(), **overrides) -> TrainResult:
     "Paper 2's PairTune + linear probe (`PairTuneSpec`; keyword arguments override its fields)."
-    spec = _as_spec(spec, PairTuneSpec, overrides)
-    run_dir = _run_dir(spec, run_dir)
-    done = finished_result(spec, run_dir, force)
+    spec, run_dir, done = resolve_run(spec, PairTuneSpec, run_dir, force, overrides)
     if done is not None: return done
-    t0 = time.time()
-    with distributed(), managed_run(spec, run_dir, force) as rd:
-        setup_run(spec)
-        task = task_from_spec(spec)
+    with training_run(spec, run_dir, force) as run:
+        task = run.task
         if task.kind != "single": raise ConfigError(f"PairTune needs a single-label task; {task.name!r} is {task.kind!r}")
         if spec.features != "online": raise ConfigError("PairTune computes features online (features='online')")
-        fe = frontend_from_spec(spec)
-        model, info = model_from_spec(spec, task.n_classes, fe)
+        model = run.create_model()
         names, metric = metrics_for(spec, task)
-        dls = dataloaders_from_spec(spec, task, fe)
+        dls = run.dataloaders()
         with frontend_detached(model) as detached:
             model.to(train_device(spec.device))
             for p in model.head.parameters(): p.requires_grad_(False)   # stage 1 does not use the head
-            dim = model.head.in_features
-            net = Projected(model, dim, spec.proj_dim)
-            feat_fe = detached
-            loaders = _eval_loaders(spec, task, feat_fe, ["train", task.valid_split])
-            extra = [ProbeCurve(model, task, loaders, feat_fe, spec, metric, names)] if spec.curve else []
+            net = Projected(model, model.head.in_features, spec.proj_dim)
+            loaders = _eval_loaders(run, detached, ["train", task.valid_split])
+            extra = [ProbeCurve(model, task, loaders, detached, spec, metric, names)] if spec.curve else []
             loss = SupConLoss(spec.temperature, miner=spec.miner, epsilon=spec.epsilon)
-            out = fit_run(spec, rd, net, dls, loss, kind="embedding", classes=task.classes,
-                          metric=metric if spec.curve else "loss", frontend=feat_fe, extra_cbs=[*extra, *cbs],
+            out = run.fit(net, dls, loss, kind="embedding", classes=task.classes,
+                          metric=metric if spec.curve else "loss", frontend=detached, extra_cbs=[*extra, *cbs],
                           test_dl=None, verbose=verbose)
             for p in model.head.parameters(): p.requires_grad_(True)
             # stage 2: the linear protocol on the tuned encoder (the projection is dropped)
-            res = probe_head(model, task, _eval_loaders(spec, task, feat_fe), feat_fe, spec, metric, names)
+            res = probe_head(model, task, _eval_loaders(run, detached), detached, spec, metric, names)
         set_head(model, res["W"], res["b"])
         out = {**out, "dev": res["dev"], "test": res["test"]}
-        if is_main_process():
-            save_checkpoint(rd / rd.model_file, model.cpu(), labels=task.classes,
-                            extra={"kind": spec.kind, "best_epoch": out["best_epoch"], "C": res["C"], "spec_hash": spec.hash(), **info})
-        m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), C=res["C"])
-    return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
+        return run.finish(model, out, metric, checkpoint={"C": res["C"]}, pretrained=run.info.get("pretrained"), C=res["C"])
 
 register_trainer("pairtune", pairtune);

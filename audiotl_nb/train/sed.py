@@ -8,13 +8,11 @@ Docs: https://audiotl.github.io/audiotl_nb/train.sed.html.md"""
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,14 +20,12 @@ from torch.utils.data import Dataset
 
 from ..augment import AugmentPipeline, Mixup
 from ..core import CheckpointError, ConfigError, DataError, atomic_write_json, read_json, seed_everything, spec_hash
-from ..data import AudioDataset, SamplerDL, TaskDataLoaders, make_dataloader, make_train_sampler
+from ..data import AudioDataset, SamplerDL, TaskDataLoaders, make_train_sampler
 from ..losses import FrameKDLoss
-from ..models.core import model_from_checkpoint, param_groups_lrd, save_checkpoint
-from .core import (TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
-                                   augment_from_spec, dataloaders_from_spec, dist_rank, distributed, finished_result,
-                                   fit_run, frontend_detached, frontend_from_spec, is_main_process, make_loss,
-                                   managed_run, metrics_for, model_from_spec, param_groups, predict, register_spec,
-                                   register_trainer, setup_run, task_from_spec, train_device)
+from ..models.core import model_from_checkpoint, param_groups_lrd
+from .core import (TrainResult, TrainSpec, TrainingRun, augment_from_spec, dist_rank, eval_loader,
+                                   frontend_detached, is_main_process, make_loss, metrics_for, param_groups, predict,
+                                   register_spec, register_trainer, resolve_run, train_device, training_run)
 
 # %% auto #0
 __all__ = ['SEDSpec', 'FrameLogits', 'sed_train', 'ensemble_logits', 'TeacherDataset', 'DistillSpec', 'KDObjective',
@@ -72,36 +68,26 @@ def _groups(model, spec):
 def sed_train(spec: SEDSpec | dict | None = None, run_dir=None, force: bool = False, verbose: bool = False,
               cbs=(), **overrides) -> TrainResult:
     "Train a frame-level detector (a teacher) as `SEDSpec` says (keyword arguments override its fields)."
-    spec = _as_spec(spec, SEDSpec, overrides)
-    run_dir = _run_dir(spec, run_dir)
-    done = finished_result(spec, run_dir, force)
+    spec, run_dir, done = resolve_run(spec, SEDSpec, run_dir, force, overrides)
     if done is not None: return done
-    t0 = time.time()
-    with distributed(), managed_run(spec, run_dir, force) as rd:
-        setup_run(spec)
-        task = task_from_spec(spec)
+    with training_run(spec, run_dir, force) as run:
+        task = run.task
         if task.kind != "frames": raise ConfigError(f"sed_train needs a task with frame labels; {task.name!r} is {task.kind!r}")
-        fe = frontend_from_spec(spec)
-        model, info = model_from_spec(spec, task.n_classes, fe)
-        if is_main_process(): rd.log(f"model {model.config.get('name')}: {info}")
-        dls = dataloaders_from_spec(spec, task, fe)
+        model = run.create_model()
+        dls = run.dataloaders()
         names, metric = metrics_for(spec, task)
         wave, spec_aug = augment_from_spec(spec)
         with frontend_detached(model) as detached:
-            out = fit_run(spec, rd, FrameLogits(model), dls, make_loss(spec.loss, task), kind="frames", classes=task.classes,
+            out = run.fit(FrameLogits(model), dls, make_loss(spec.loss, task), kind="frames", classes=task.classes,
                           metrics=names, metric=metric, frontend=detached if spec.features == "online" else None,
                           wave_aug=wave, spec_aug=spec_aug, frame_hop=task.frame_hop, groups=_groups(model, spec),
                           test_dl=dls.test, extra_cbs=cbs, verbose=verbose)
-        if is_main_process():
-            save_checkpoint(rd / rd.model_file, model.cpu(), labels=task.classes,
-                            extra={"kind": spec.kind, "best_epoch": out["best_epoch"], "spec_hash": spec.hash(), **info})
-        m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), base_lrs=out["base_lrs"])
-    return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
+        return run.finish(model, out, metric, pretrained=run.info.get("pretrained"), base_lrs=out["base_lrs"])
 
 register_trainer("sed", sed_train);
 
 # %% ../../nbs/08c_train.sed.ipynb #bd68a27a
-def ensemble_logits(teachers: Sequence[str], task, split: str, frontend, spec, out_dir) -> np.ndarray:
+def ensemble_logits(teachers: Sequence[str], task, split: str, frontend, spec, out_dir, bad_file_log=None) -> np.ndarray:
     "Average frame logits (n, T, C) of the `teachers` over `split` of `task`, stored as float16 in `out_dir`."
     out_dir = Path(out_dir)
     arr_path, meta_path = out_dir / "teacher_logits.npy", out_dir / "teacher_logits.json"
@@ -111,9 +97,7 @@ def ensemble_logits(teachers: Sequence[str], task, split: str, frontend, spec, o
     meta = read_json(meta_path)
     if meta is not None and meta.get("key") == key and arr_path.exists():
         return np.load(arr_path, mmap_mode="r")
-    sr = int(frontend.sample_rate) if frontend is not None else spec.sample_rate
-    dl = make_dataloader(task, split, bs=spec.valid_bs or spec.bs, sample_rate=sr, clip_seconds=spec.clip_seconds,
-                         num_workers=spec.num_workers, device=train_device(spec.device))
+    dl = eval_loader(spec, task, split, frontend, bad_file_log)
     total = None
     for path in teachers:
         t = model_from_checkpoint(path, expect_frontend=frontend)
@@ -177,55 +161,45 @@ class KDObjective(nn.Module):
         return self.kd(pred, y, teacher)
 
 
-def distill_dataloaders(spec: DistillSpec, task, frontend, teacher_logits: np.ndarray) -> TaskDataLoaders:
+def distill_dataloaders(run: TrainingRun, teacher_logits: np.ndarray) -> TaskDataLoaders:
     "Training batches (x, y, teacher probabilities) and the usual dev/test loaders."
+    spec, task, frontend = run.spec, run.task, run.frontend
     sr = int(frontend.sample_rate) if frontend is not None else spec.sample_rate
     dev = train_device(spec.device)
-    ds = AudioDataset.from_task(task, "train", sample_rate=sr, random_crop=False,
+    ds = AudioDataset.from_task(task, "train", sample_rate=sr, random_crop=False, bad_file_log=run.bad_file_log,
                                 **({"clip_seconds": spec.clip_seconds} if spec.clip_seconds else {}))
     smp = make_train_sampler(task, "train", spec.sampler, spec.num_samples, seed=spec.seed)
     train = SamplerDL(TeacherDataset(ds, teacher_logits), sampler=smp, bs=spec.bs, num_workers=spec.num_workers,
                       drop_last=len(smp) >= spec.bs, device=dev, persistent_workers=spec.num_workers > 0)
     train.n_inp = 1   # batches are (x, y, teacher): one input, two targets
     splits = ["train", task.valid_split] + (["test"] if "test" in task.splits and task.valid_split != "test" else [])
-    rest = [make_dataloader(task, s, bs=spec.valid_bs or spec.bs, sample_rate=sr, clip_seconds=spec.clip_seconds,
-                            num_workers=spec.num_workers, device=dev) for s in splits[1:]]
-    return TaskDataLoaders(train, *rest, task=task, split_names=splits, device=dev)
+    return TaskDataLoaders(train, *[run.eval_loader(s, frontend) for s in splits[1:]], task=task, split_names=splits, device=dev)
 
 
 def distill(spec: DistillSpec | dict | None = None, run_dir=None, force: bool = False, verbose: bool = False,
             cbs=(), **overrides) -> TrainResult:
     "Paper 3's ensemble distillation into a student (`DistillSpec`; keyword arguments override its fields)."
-    spec = _as_spec(spec, DistillSpec, overrides)
+    spec, run_dir, done = resolve_run(spec, DistillSpec, run_dir, force, overrides)
     if not spec.teachers: raise ConfigError("distill needs at least one teacher checkpoint (spec.teachers)")
     if spec.features != "online": raise ConfigError("distill computes features online (features='online')")
-    run_dir = _run_dir(spec, run_dir)
-    done = finished_result(spec, run_dir, force)
     if done is not None: return done
-    t0 = time.time()
-    with distributed(), managed_run(spec, run_dir, force) as rd:
-        setup_run(spec)
-        task = task_from_spec(spec)
+    with training_run(spec, run_dir, force) as run:
+        task, fe = run.task, run.frontend
         if task.kind != "frames": raise ConfigError(f"distill needs a task with frame labels; {task.name!r} is {task.kind!r}")
-        fe = frontend_from_spec(spec)
-        logits = ensemble_logits(spec.teachers, task, "train", fe, spec, rd.path)
+        logits = ensemble_logits(spec.teachers, task, "train", fe, spec, run.rd.path, run.bad_file_log)
         if dist_rank()[1] > 1: torch.distributed.barrier()
-        if is_main_process(): rd.log(f"ensemble of {len(spec.teachers)} teachers: predictions {tuple(logits.shape)} stored")
+        if is_main_process(): run.rd.log(f"ensemble of {len(spec.teachers)} teachers: predictions {tuple(logits.shape)} stored")
         seed_everything(spec.seed, spec.deterministic)   # the student's randomness does not depend on the teachers
-        model, info = model_from_spec(spec, task.n_classes, fe)
-        dls = distill_dataloaders(spec, task, fe, logits)
+        model = run.create_model()
+        dls = distill_dataloaders(run, logits)
         names, metric = metrics_for(spec, task)
         mix = AugmentPipeline(Mixup(alpha=spec.mixup_alpha, p=spec.mixup_p, mix_teacher=True)) if spec.mixup_p > 0 else None
         with frontend_detached(model) as detached:
-            out = fit_run(spec, rd, FrameLogits(model), dls, KDObjective(spec.lam), kind="frames", classes=task.classes,
+            out = run.fit(FrameLogits(model), dls, KDObjective(spec.lam), kind="frames", classes=task.classes,
                           metrics=names, metric=metric, frontend=detached, spec_aug=mix, frame_hop=task.frame_hop,
                           groups=_groups(model, spec), test_dl=dls.test, extra_cbs=cbs, verbose=verbose)
-        if is_main_process():
-            save_checkpoint(rd / rd.model_file, model.cpu(), labels=task.classes,
-                            extra={"kind": spec.kind, "best_epoch": out["best_epoch"], "spec_hash": spec.hash(),
-                                   "teachers": [str(t) for t in spec.teachers], **info})
-        m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), base_lrs=out["base_lrs"],
-                           teachers=[str(t) for t in spec.teachers])
-    return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
+        teachers = [str(t) for t in spec.teachers]
+        return run.finish(model, out, metric, checkpoint={"teachers": teachers}, pretrained=run.info.get("pretrained"),
+                          base_lrs=out["base_lrs"], teachers=teachers)
 
 register_trainer("distill", distill);

@@ -7,21 +7,14 @@ Docs: https://audiotl.github.io/audiotl_nb/train.ssl.html.md"""
 # %% ../../nbs/08b_train.ssl.ipynb #842a087e
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import pandas as pd
-import torch
 from torch import nn
 
 from ..core import ConfigError
 from ..losses import ConsistencyLoss, Wav2Vec2ContrastiveLoss
-from ..models.core import save_checkpoint
-from .core import (TrainResult, TrainSpec, _as_spec, _run_dir, _write_metrics,
-                                   augment_from_spec, dataloaders_from_spec, distributed, finished_result, fit_run,
-                                   frontend_detached, frontend_from_spec, is_main_process, make_loss, managed_run,
-                                   metrics_for, model_from_spec, register_spec, register_trainer, setup_run, task_from_spec)
+from .core import (TrainResult, TrainSpec, augment_from_spec, frontend_detached, make_loss, metrics_for,
+                                   register_spec, register_trainer, resolve_run, training_run)
 
 # %% auto #0
 __all__ = ['SSLSpec', 'MaskedContrastive', 'ContrastiveObjective', 'ssl_pretrain', 'SSLFinetuneSpec', 'ConsistencyObjective',
@@ -68,30 +61,20 @@ class ContrastiveObjective(nn.Module):
 def ssl_pretrain(spec: SSLSpec | dict | None = None, run_dir=None, force: bool = False, verbose: bool = False,
                  cbs=(), **overrides) -> TrainResult:
     "Paper 5's self-supervised pre-training (`SSLSpec`; keyword arguments override its fields)."
-    spec = _as_spec(spec, SSLSpec, overrides)
-    run_dir = _run_dir(spec, run_dir)
-    done = finished_result(spec, run_dir, force)
+    spec, run_dir, done = resolve_run(spec, SSLSpec, run_dir, force, overrides)
     if done is not None: return done
-    t0 = time.time()
-    with distributed(), managed_run(spec, run_dir, force) as rd:
-        setup_run(spec)
-        task = task_from_spec(spec)
-        fe = frontend_from_spec(spec)
-        model, info = model_from_spec(spec, task.n_classes, fe)
+    with training_run(spec, run_dir, force) as run:
+        model = run.create_model()
         if not hasattr(model, "forward_ssl"): raise ConfigError(f"model {spec.model!r} has no masked forward pass (forward_ssl)")
         for p in model.head.parameters(): p.requires_grad_(False)     # the output layer takes no part
-        dls = dataloaders_from_spec(spec, task, fe)
+        dls = run.dataloaders()
         loss = ContrastiveObjective(Wav2Vec2ContrastiveLoss(spec.n_distractors, spec.temperature))
         with frontend_detached(model) as detached:
-            out = fit_run(spec, rd, MaskedContrastive(model), dls, loss, kind=task.kind, metric="loss",
+            out = run.fit(MaskedContrastive(model), dls, loss, kind=run.task.kind, metric="loss",
                           frontend=detached if spec.features == "online" else None, test_dl=dls.test,
                           extra_cbs=cbs, verbose=verbose)
         for p in model.head.parameters(): p.requires_grad_(True)
-        if is_main_process():
-            save_checkpoint(rd / rd.model_file, model.cpu(), labels=None,
-                            extra={"kind": spec.kind, "best_epoch": out["best_epoch"], "spec_hash": spec.hash()})
-        m = _write_metrics(rd, spec, task, out, "loss", t0, base_lrs=out["base_lrs"])
-    return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
+        return run.finish(model, out, "loss", labels=None, with_info=False, base_lrs=out["base_lrs"])
 
 register_trainer("ssl_pretrain", ssl_pretrain);
 
@@ -132,34 +115,24 @@ class ConsistencyObjective(nn.Module):
 def ssl_finetune(spec: SSLFinetuneSpec | dict | None = None, run_dir=None, force: bool = False, verbose: bool = False,
                  cbs=(), **overrides) -> TrainResult:
     "Paper 5's fine-tuning recipe (`SSLFinetuneSpec`; keyword arguments override its fields)."
-    spec = _as_spec(spec, SSLFinetuneSpec, overrides)
-    run_dir = _run_dir(spec, run_dir)
-    done = finished_result(spec, run_dir, force)
+    spec, run_dir, done = resolve_run(spec, SSLFinetuneSpec, run_dir, force, overrides)
     if done is not None: return done
-    t0 = time.time()
-    with distributed(), managed_run(spec, run_dir, force) as rd:
-        setup_run(spec)
-        task = task_from_spec(spec)
-        fe = frontend_from_spec(spec)
+    with training_run(spec, run_dir, force) as run:
+        task = run.task
         pooling = spec.pooling if spec.pooling != "auto" else ("linsoft" if task.kind == "multi" else "mean")
         tuned = spec.replace(model_kw={**spec.model_kw, "pooling": pooling, "head_dropout": spec.output_dropout})
         if tuned.model == "auto" and not tuned.pretrained: tuned = tuned.replace(model="cf_s")   # from scratch
-        model, info = model_from_spec(tuned, task.n_classes, fe, allow_missing=("pool.",))
-        if is_main_process(): rd.log(f"model {model.config.get('name')}: {info}")
-        dls = dataloaders_from_spec(spec, task, fe)
+        model = run.create_model(tuned, allow_missing=("pool.",))
+        dls = run.dataloaders()
         names, metric = metrics_for(spec, task)
         base = make_loss("bce" if task.kind == "multi" else ("ce" if spec.loss == "auto" else spec.loss), task)
         cons = ConsistencyLoss(spec.consistency, "sigmoid" if task.kind != "single" else "softmax") if spec.consistency else None
         wave, spec_aug = augment_from_spec(spec)
         with frontend_detached(model) as detached:
-            out = fit_run(spec, rd, model, dls, ConsistencyObjective(base, cons), kind=task.kind, classes=task.classes,
+            out = run.fit(model, dls, ConsistencyObjective(base, cons), kind=task.kind, classes=task.classes,
                           metrics=names, metric=metric, frontend=detached if spec.features == "online" else None,
                           wave_aug=wave, spec_aug=spec_aug, views=2 if cons is not None else 1, test_dl=dls.test,
                           extra_cbs=cbs, verbose=verbose)
-        if is_main_process():
-            save_checkpoint(rd / rd.model_file, model.cpu(), labels=task.classes,
-                            extra={"kind": spec.kind, "best_epoch": out["best_epoch"], "spec_hash": spec.hash(), **info})
-        m = _write_metrics(rd, spec, task, out, metric, t0, pretrained=info.get("pretrained"), base_lrs=out["base_lrs"])
-    return TrainResult(Path(run_dir), "done", m, pd.DataFrame(out["history"]))
+        return run.finish(model, out, metric, pretrained=run.info.get("pretrained"), base_lrs=out["base_lrs"])
 
 register_trainer("ssl_finetune", ssl_finetune);
