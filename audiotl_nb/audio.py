@@ -345,17 +345,20 @@ class LogMelFrontend(Frontend):
         step = len(x)
         if x.device.type == "cpu":  # a piece per thread's worth: fewer, larger parallel steps with more threads
             step = max(1, _CPU_PIECE * torch.get_num_threads() // (self._natural_frames(x.shape[-1]) * c.n_fft))
-        out = []
-        for part in x.split(step):
+        M, parts = None, []
+        for i in range(0, len(x), step):
+            part = x[i:i + step]
             xp = _pad_edges(part, p, c.pad_mode) if c.center else part
             frames = xp.unfold(-1, c.n_fft, c.hop_length) * win                  # (b, T, n_fft), windowed
             ri = torch.view_as_real(torch.fft.rfft(frames))                      # (b, T, n_fft/2+1, 2): re, im
             sq = ri.square_() if inplace else ri.square()
             if c.power == 2.0: S = sq.reshape(-1, 2 * nb)                        # (b·T, 2·bins): re², im², ...
             else: S = (sq[..., 0] + sq[..., 1]).sqrt_().reshape(-1, nb)          # |X|
-            M = torch.cat([S[:, lo:hi] @ w for lo, hi, w in bands], 1)           # (b·T, n_mels)
-            out.append(M.view(len(part), -1, M.shape[-1]))
-        M = torch.cat(out) if len(out) > 1 else out[0]
+            mel = [S[:, lo:hi] @ w for lo, hi, w in bands]                       # each (b·T, filters of the group)
+            if not inplace: parts.append(torch.cat(mel, 1).view(len(part), -1, c.n_mels)); continue
+            if M is None: M = x.new_empty(len(x), frames.shape[1], c.n_mels)
+            torch.cat(mel, 1, out=M[i:i + len(part)].view(-1, c.n_mels))          # straight into the batch's output
+        if M is None: M = torch.cat(parts)
         mult = 10.0 if c.power == 2.0 else 20.0
         L = M.clamp_(min=c.amin).log10_().mul_(mult) if inplace else mult * M.clamp(min=c.amin).log10()
         db_ref = mult * math.log10(max(c.amin, c.ref))
