@@ -294,7 +294,7 @@ class FeatureStore:
         folded = []
         for p in adds:
             a = _load(p)
-            if a is None: continue  # folded by another builder meanwhile: that builder's generation is g + 1
+            if a is None: continue  # folded meanwhile, into generation g (read above) or g + 1 (then the link fails)
             idx = _merged(idx, *(self._checked(a, p)[k] for k in ("items", "skipped", "shards")))
             folded.append(p)
         idx["format"] = STORE_FORMAT

@@ -214,21 +214,30 @@ def test_two_processes_build_the_same_store(tmp_path):
 
 class _NoLock(FeatureStore):
     "Builders without a working lock that wait for each other after reading the index: the worst case for merging."
-    barrier = None
+    barrier, turns, turn = None, None, 0
     def _lock(self): return contextlib.nullcontext()
     def _decoded(self, keys):
         if self.barrier is not None: self.barrier.wait(60)
         yield from super()._decoded(keys)
+    def _commit(self, *a, **k):  # with `turns`: builder i adds to the store only after builder i - 1 has
+        if self.turns: self.turns[self.turn].wait(60)
+        try: return super()._commit(*a, **k)
+        finally:
+            if self.turns and self.turn + 1 < len(self.turns): self.turns[self.turn + 1].set()
 
 
-def _race(folder, parts, barrier=True):
-    "Build each list of `parts` in its own thread, all at once, without a lock; the reports."
-    cls = type("Racing", (_NoLock,), {"barrier": threading.Barrier(len(parts)) if barrier else None})
+def _race(folder, parts, barrier=True, in_turn=False):
+    "Build each list of `parts` in its own thread, all at once, without a lock (`in_turn`: finishing in order); the reports."
+    turns = [threading.Event() for _ in parts] if in_turn else None
+    if turns: turns[0].set()
+    cls = type("Racing", (_NoLock,), {"barrier": threading.Barrier(len(parts)) if barrier else None, "turns": turns})
     reports, errors = [], []
-    def build(ps):
-        try: reports.append(cls(folder).build(ps))
+    def build(i, ps):
+        try:
+            st = cls(folder); st.turn = i
+            reports.append(st.build(ps))
         except BaseException as e: errors.append(e)
-    threads = [threading.Thread(target=build, args=(ps,)) for ps in parts]
+    threads = [threading.Thread(target=build, args=(i, ps)) for i, ps in enumerate(parts)]
     for t in threads: t.start()
     for t in threads: t.join()
     assert not errors, errors
@@ -239,9 +248,11 @@ def _index_files(st):
     return sorted(p.name.split("-")[0] for p in (st.path / "index.d").glob("*.json"))
 
 
-def test_without_a_working_lock_the_loser_merges(tmp_path, quiet):
+@pytest.mark.parametrize("in_turn", [False, True], ids=["together", "one-after-the-other"])
+def test_without_a_working_lock_the_loser_merges(tmp_path, in_turn, quiet):
+    "Two builders without a lock both compute; whether they finish together or one after the other, all six files are kept."
     paths = _files(tmp_path, 6)
-    reports = _race(tmp_path / "feat", [paths[:4], paths[2:]])
+    reports = _race(tmp_path / "feat", [paths[:4], paths[2:]], in_turn=in_turn)
     assert sorted(r.computed for r in reports) == [4, 4]  # both read the index before either added to it
     st = FeatureStore(tmp_path / "feat")
     fe = create_frontend("panns16k")
