@@ -1,47 +1,13 @@
 """Pre-training under torchrun with 2 CPU processes (gloo): the ranks end with the same model and metrics, and rank 0
-alone writes the run directory (tests/test_ddp.py does the same for fine-tuning)."""
+alone writes the run directory (tests/test_ddp.py does the same for fine-tuning; its launcher and world are reused)."""
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-LAUNCHER = """
-import json, os, sys, torch
-torch.set_num_threads(1)
-from fastai.callback.core import Callback
-from audiotl_nb.train.core import run_spec
-
-class Checksum(Callback):
-    def after_fit(self):
-        if getattr(self.learn, "in_training_run", False):
-            m = self.learn.raw_model
-            self.sums = {k: float(v.double().sum()) for k, v in {**dict(m.named_parameters()), **dict(m.named_buffers())}.items()}
-
-spec, run_dir, out = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
-cb = Checksum()
-res = run_spec(spec, run_dir, cbs=[cb])
-rank = int(os.environ["RANK"])
-json.dump({"world": int(os.environ["WORLD_SIZE"]), "metrics": res.metrics, "sums": cb.sums,
-           "history": res.history.drop(columns="time").to_dict("list")}, open(f"{out}/rank{rank}.json", "w"))
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from audiotl_nb.synth import make_world, world_config
-    cfg = world_config("tiny", clip_seconds=1.0, n_train=40, n_eval=20, bird_clips=8, kws_speakers=3, scene_cities=1)
-    return make_world(tmp_path_factory.mktemp("world") / "w", config=cfg)
+from test_ddp import LAUNCHER, ROOT, _free_port, world  # noqa: F401  (world: the module fixture)
 
 
 def test_pretrain_torchrun_two_processes_gloo(world, tmp_path):
@@ -59,7 +25,7 @@ def test_pretrain_torchrun_two_processes_gloo(world, tmp_path):
     assert (r0["world"], r1["world"]) == (2, 2)
     assert r0["sums"] == r1["sums"] and r0["history"] == r1["history"]
     m0, m1 = ({k: v for k, v in r["metrics"].items() if k != "seconds"} for r in (r0, r1))
-    assert m0 == m1 and m0["n_train"] == 40 and m0["best_epoch"] == 0          # keep="last"
+    assert m0 == m1 and m0["n_train"] == 40 and m0["best_epoch"] == 0 and m0["n_classes"] == 49    # keep="last"
     assert set(m0["test"]) == {"loss", "mean_average_precision", "uaf1"}
     for f in ("spec.json", "status.json", "history.csv", "metrics.json", "model.pt", "log.txt", "skipped.csv"):
         assert (run / f).exists(), f
