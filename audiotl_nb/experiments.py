@@ -834,7 +834,8 @@ class LocalExecutor:
     def prestart(self, ids: Sequence[str]):
         "Start the workers `ids` will need now, importing what their runs need, while the grid still prepares."
         kinds = {self.store.record(r).kind for r in ids}
-        mods = ["papermill"] if self.mode == "papermill" else (["audiotl_nb.train.core"] if kinds - set(RUNNERS.names()) else [])
+        trainer = ["audiotl_nb.train.core", "torch._dynamo"]    # torch's optimizers import _dynamo when first built
+        mods = ["papermill"] if self.mode == "papermill" else (trainer if kinds - set(RUNNERS.names()) else [])
         self.preload = ",".join(mods)
         while len(self.pool) < min(self.workers, len(ids)): self._spawn()
 

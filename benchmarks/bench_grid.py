@@ -16,28 +16,27 @@ executor's default, cores // workers threads, would give the single worker two t
 beyond its cores is several times slower than one). The default mode is `direct` (runs execute in the worker process);
 `--mode papermill` executes each run's experiment notebook in a fresh kernel instead (seconds more per run).
 
-What bounds the number on a shared machine: Linux's CFS with autogroups (`/proc/sys/kernel/sched_autogroup_enabled`)
-shares the CPU fairly between sessions, not processes; the workers are started in the session of the process that
-runs the grid, so when other sessions keep both cores busy, two workers together get the CPU one worker would get.
-`--own-sessions` starts each worker in a session of its own (`start_new_session=True`, as two terminals would) to
-show what that changes; it patches `subprocess.Popen` for the workers only and is not the executor's behaviour.
+What bounds the number: each worker is a fresh Python process that imports torch, fastai (with the pandas, scipy,
+scikit-learn and matplotlib it imports) and the trainer, and its first run imports torch._dynamo (torch's optimizers do,
+on first use): about 7 CPU seconds, against about 0.5 CPU seconds for one of these runs. Both sides pay that start-up
+once, so with start-up S and run time r the speed-up is at most (S + n r) / (S + n r / 2): the grid must be long next to
+S before 2 workers can approach 2x. The workers run in sessions of their own (the executor starts them so), so Linux's
+CFS with autogroups (`/proc/sys/kernel/sched_autogroup_enabled`), which shares the CPU between sessions, gives each its
+own share when other sessions load the machine.
 
-    .venv/bin/python benchmarks/bench_grid.py [--runs 4] [--rounds 1] [--mode direct] [--own-sessions] [--out benchmarks/results/grid.json]
+    .venv/bin/python benchmarks/bench_grid.py [--runs 16] [--rounds 1] [--mode direct] [--warmup 0] [--out benchmarks/results/grid.json]
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""): sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,17 +52,6 @@ def children_cpu() -> float:
 def autogroup() -> str:
     try: return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
     except OSError: return "unknown"
-
-
-@contextmanager
-def own_sessions(enabled: bool):
-    "Start subprocesses in new sessions while active (the executor's workers: one autogroup each)."
-    if not enabled:
-        yield; return
-    orig = subprocess.Popen
-    subprocess.Popen = functools.partial(orig, start_new_session=True)
-    try: yield
-    finally: subprocess.Popen = orig
 
 
 def run_times(store, ids) -> dict:
@@ -84,13 +72,12 @@ def run_times(store, ids) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=4, help="runs in the grid")
+    ap.add_argument("--runs", type=int, default=16, help="runs in the grid (16: both sides within 2 minutes at load 8)")
     ap.add_argument("--clips", type=int, default=32, help="training clips of each run (one epoch)")
     ap.add_argument("--width", type=float, default=0.125)
     ap.add_argument("--bs", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1, help="timed rounds of each worker count")
     ap.add_argument("--mode", default="direct", choices=["direct", "papermill"])
-    ap.add_argument("--own-sessions", action="store_true", help="start each worker in its own session (see above)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed rounds first")
     ap.add_argument("--out", default=str(RESULTS / "grid.json"))
     a = ap.parse_args(argv)
@@ -112,8 +99,7 @@ def main(argv=None) -> dict:
                 k += 1
                 store = RunStore(tmp / f"store{k}")
                 la0, c0, t0 = loadavg(), children_cpu(), time.perf_counter()
-                with own_sessions(a.own_sessions):
-                    res = run_grid(store, records, LocalExecutor(workers=w, mode=a.mode, threads=1), progress=False)
+                res = run_grid(store, records, LocalExecutor(workers=w, mode=a.mode, threads=1), progress=False)
                 wall, cpu = time.perf_counter() - t0, children_cpu() - c0
                 if not res.ok: raise RuntimeError(f"grid failed with {w} worker(s): {res.errors}")
                 m = dict(wall_s=wall, workers_cpu_s=cpu, loadavg_before=la0, loadavg_after=loadavg(), **run_times(store, res.ids))
@@ -142,14 +128,14 @@ def main(argv=None) -> dict:
         mode=a.mode, threads_per_worker=1, machine=info, rounds=a.rounds,
         one_worker=dict(wall_s=t1, all_wall_s=[m["wall_s"] for m in rows[1]], workers_cpu_s=cpu1, rounds=rows[1]),
         two_workers=dict(wall_s=t2, all_wall_s=[m["wall_s"] for m in rows[2]], workers_cpu_s=cpu2, rounds=rows[2]),
-        own_sessions=a.own_sessions, sched_autogroup_enabled=autogroup(),
+        sched_autogroup_enabled=autogroup(),
         speedup=speedup, speedup_per_round=per_round, speedup_spread=spread(per_round),
         steady_run_s={"1": r1, "2": r2}, steady_speedup=steady, worker_startup_s=startup,
         speedup_allowed_by_startup=allowed, target=1.7, target_met=bool(speedup >= 1.7),
         seconds=round(time.perf_counter() - t_start, 1),
         bound=(f"{cores} cores, load average {info['loadavg_start'][0]} -> {info['loadavg_end'][0]} from other sessions; "
                f"autogroup scheduling {'on' if autogroup() == '1' else autogroup()}"
-               f"{' (workers in their own sessions)' if a.own_sessions else ' (workers share one session: one CPU share)'}; "
+               f" (each worker in a session of its own); "
                f"worker start-up {startup:.0f} s vs {r1:.1f} s per run: start-up alone allows {allowed:.2f}x for {a.runs} runs; "
                f"steady-state speed-up {steady:.2f}x; workers' CPU {cpu1:.1f} s (1) vs {cpu2:.1f} s (2)"),
         when=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -49,23 +49,19 @@ def register_model(name: str | None = None, factory=None):
         return MODELS.register(key, f)
     return _reg(factory) if factory is not None else _reg
 
-_TRIED: set[str] = set()  # family modules imported (or found absent) so far
-
 def _import_families(force: bool = False, until: str | None = None):
     "Import the model family modules in order, tolerating absent families and missing dependencies; stop once `until` is registered."
     global _IMPORTED
-    if force: _TRIED.clear()
-    elif _IMPORTED: return
+    if _IMPORTED and not force: return
     for fam in MODEL_MODULES:
         if until is not None and until in MODELS: return
-        if fam in _TRIED: continue
+        if fam in _UNAVAILABLE and not force: continue
         modname = f"audiotl_nb.models.{fam}"
-        try: importlib.import_module(modname)
+        try: importlib.import_module(modname)          # (a family imported before costs a dictionary look-up)
         except ModuleNotFoundError as e:
-            if e.name in (modname, "audiotl_nb.models"): pass  # this family is not part of the package
-            elif e.name and not e.name.startswith("audiotl_nb"): _UNAVAILABLE[fam] = e.name.split(".")[0]
+            if e.name in (modname, "audiotl_nb.models"): continue  # this family is not part of the package
+            if e.name and not e.name.startswith("audiotl_nb"): _UNAVAILABLE[fam] = e.name.split(".")[0]
             else: raise
-        _TRIED.add(fam)
     _IMPORTED = True
 
 def list_models() -> list[str]:
