@@ -293,7 +293,7 @@ def _pad_edges(x: torch.Tensor, p: int, mode: str) -> torch.Tensor:
     right = F.pad(x[:, None, -k:], (0, p), mode=mode)[:, 0, -p:]
     return torch.cat([left, x, right], 1)
 
-def _mel_bands(fb: torch.Tensor, size: int = 8) -> list[tuple[int, int, int, int]]:
+def _mel_bands(fb: torch.Tensor, size: int = 16) -> list[tuple[int, int, int, int]]:
     "(first filter, end filter, first bin, end bin) of groups of `size` adjacent mel filters: outside its bins a group is 0."
     out = []
     for a in range(0, fb.shape[1], size):
