@@ -9,8 +9,9 @@ A CPU batch of 32 ten-second clips at 16 kHz (a chirp, tones and noise). Timed, 
 * `librosa`: `librosa.feature.melspectrogram` + `power_to_db`, one clip at a time (librosa has no batch axis
   for this path), on 8 of the clips.
 
-Also recorded: the largest difference in dB of each against librosa on those clips, and the other presets'
-throughput. Each timing is the median of several rounds after one warm-up; the methods are interleaved within a
+Also recorded: the largest difference in dB of each against librosa on those clips, the other presets'
+throughput, and the CPU milliseconds per clip of each step, ours (one thread) and librosa's (`stage_cpu_ms_per_clip`:
+the FFT, the windowed frames, the power, the filter bank, the dB), which show what bounds the ratio. Each timing is the median of several rounds after one warm-up; the methods are interleaved within a
 round, and both wall-clock and CPU time (process time, all threads) are kept, because a shared machine's load moves
 wall-clock times a lot. Target: >= 5x librosa.
 
@@ -91,6 +92,48 @@ def measure(methods: dict, repeats: int) -> dict:
             for k, (_, n) in methods.items()}
 
 
+def stages(fe, x: torch.Tensor, repeats: int = 15) -> dict:
+    """CPU milliseconds per clip of each step, ours (one torch thread, one piece of the batch) and librosa's (per clip),
+    the smallest of `repeats` runs: what bounds the ratio. Ours repeats the steps of `LogMelFrontend.features`."""
+    from audiotl_nb.audio import _mel_bands, _pad_edges
+    def best(fn, n):
+        fn(); t = []
+        for _ in range(repeats):
+            c0 = time.process_time(); fn(); t.append(time.process_time() - c0)
+        return 1e3 * min(t) / n
+    c, b = fe.cfg, len(x)
+    bands = [(2 * lo, 2 * hi, fe.fb[lo:hi, a:e].repeat_interleave(2, 0)) for a, e, lo, hi in _mel_bands(fe.fb)]
+    padded = _pad_edges(x, c.n_fft // 2, c.pad_mode)
+    frames = padded.unfold(-1, c.n_fft, c.hop_length) * fe.window
+    spec = torch.fft.rfft(frames)
+    sq = torch.view_as_real(spec).square().reshape(-1, 2 * (c.n_fft // 2 + 1))
+    M = torch.cat([sq[:, lo:hi] @ w for lo, hi, w in bands], 1)
+    ri, buf = torch.view_as_real(spec), torch.empty(torch.view_as_real(spec).shape)
+    ours = dict(pad=lambda: _pad_edges(x, c.n_fft // 2, c.pad_mode),
+                frames_window=lambda: padded.unfold(-1, c.n_fft, c.hop_length) * fe.window,
+                rfft=lambda: torch.fft.rfft(frames), power_re2_im2=lambda: torch.square(ri, out=buf),
+                mel_banded=lambda: torch.cat([sq[:, lo:hi] @ w for lo, hi, w in bands], 1),
+                power_and_mel_textbook=lambda: ri[..., 0].square().addcmul_(ri[..., 1], ri[..., 1]) @ fe.fb,
+                db=lambda: M.clone().clamp_(min=c.amin).log10_().mul_(10.0), all=lambda: fe(x))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(): out = {"ours": {k: best(f, b) for k, f in ours.items()}}
+    finally: torch.set_num_threads(n)
+    y = x[0].numpy()
+    kw = dict(n_fft=512, hop_length=160, win_length=512, window="hann", center=True, pad_mode="reflect")
+    S = librosa.stft(y, **kw)
+    P = np.abs(S) ** 2
+    basis = librosa.filters.mel(sr=SR, n_fft=512, n_mels=64, fmin=50, fmax=8000, htk=False, norm="slaney")
+    Mel = basis @ P
+    out["librosa"] = dict(stft=best(lambda: librosa.stft(y, **kw), 1), power_abs2=best(lambda: np.abs(S) ** 2, 1),
+                          mel_filters=best(lambda: librosa.filters.mel(sr=SR, n_fft=512, n_mels=64, fmin=50, fmax=8000,
+                                                                       htk=False, norm="slaney"), 1),
+                          mel_dot=best(lambda: basis @ P, 1), db=best(lambda: librosa.power_to_db(Mel, amin=1e-10), 1),
+                          all=best(lambda: librosa_db(y), 1))
+    return out
+
+
 def librosa_db(y: np.ndarray) -> np.ndarray:
     S = librosa.feature.melspectrogram(y=y, sr=SR, n_fft=512, hop_length=160, win_length=512, window="hann",
                                        center=True, pad_mode="reflect", power=2.0, n_mels=64, fmin=50, fmax=8000,
@@ -137,6 +180,8 @@ def main(argv=None) -> dict:
             x = X[:8] if f.sample_rate == SR else clips(8).repeat_interleave(f.sample_rate // SR, dim=1)
             others[name] = x.shape[0] / measure({name: (lambda: f(x), 8)}, 2)[name]["seconds"]
 
+    steps = stages(fe, X[:2])
+
     for r in rows.values():
         r["clips_per_s"], r["clips_per_cpu_s"] = r["clips"] / r["seconds"], r["clips"] / r["cpu_seconds"]
     for r in rows.values():
@@ -145,7 +190,7 @@ def main(argv=None) -> dict:
     speedup, speedup_cpu = rows[OURS]["x_librosa"], rows[OURS]["x_librosa_cpu"]
     info["loadavg_end"] = list(os.getloadavg())
     result = dict(benchmark="frontend", clip_seconds=SECONDS, sample_rate=SR, batch=args.batch, machine=info,
-                  rows=rows, presets_clips_per_s=others, speedup_vs_librosa=speedup,
+                  rows=rows, presets_clips_per_s=others, stage_cpu_ms_per_clip=steps, speedup_vs_librosa=speedup,
                   speedup_vs_librosa_cpu_time=speedup_cpu, target=5.0,
                   target_met=bool(speedup >= 5.0), when=time.strftime("%Y-%m-%d %H:%M:%S"))
 
@@ -155,6 +200,9 @@ def main(argv=None) -> dict:
         d = r.get("max_abs_db_vs_librosa")
         print(f"{k.ljust(w)}  {r['clips_per_s']:7.1f}  {r['x_librosa']:8.1f}x  {r['clips_per_cpu_s']:11.1f}  "
               f"{r['x_librosa_cpu']:8.1f}x  {'' if d is None else f'{d:.1e}'}")
+    for who, st in steps.items():
+        print(f"CPU ms per clip, {who}{' (1 torch thread)' if who == 'ours' else ''}:",
+              ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
     print("presets (clips/s, batch of 8):", ", ".join(f"{k} {v:.0f}" for k, v in others.items()))
     print(f"speed-up of panns16k over librosa: {speedup:.1f}x wall-clock, {speedup_cpu:.1f}x per CPU-second "
           f"(target 5x) on {info['cores']} cores, load average {info['loadavg_start'][0]:.1f}")
