@@ -933,6 +933,7 @@ def skipped_clips(task: Task, unreadable_log=None) -> pd.DataFrame:
     log = Path(unreadable_log) if unreadable_log is not None else None
     if log is not None and log.exists() and log.stat().st_size:
         bad = pd.read_csv(log, dtype=str).drop_duplicates()
+        bad = bad[bad.path != "path"]   # a header written twice by processes that started the log together
         where = pd.concat([pd.DataFrame({"split": s, "path": df.path.astype(str)}) for s, df in task.splits.items()],
                           ignore_index=True)
         bad = bad.merge(where, on="path", how="left").fillna({"split": ""})

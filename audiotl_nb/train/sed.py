@@ -131,7 +131,7 @@ class TeacherDataset(Dataset):
             if j in ds._bad: continue
             try: x, offset = ds._x(j)
             except (DataError, OSError, RuntimeError, ValueError) as e:
-                ds._report(j, str(e)); continue
+                ds._report(j, str(e).replace(f"{ds.items['path'].iloc[j]}: ", "")); continue
             t = torch.sigmoid(torch.from_numpy(np.asarray(self.teacher[j], dtype=np.float32)))
             return x, ds.target(j, offset), t
         raise DataError(f"{min(ds.max_skips, n)} consecutive items from index {i} are unreadable")
