@@ -162,9 +162,6 @@ def test_dataset_reports_and_skips_broken_audio(tmp_path):
     for p, why in zip(report.path, report.reason): assert REASONS[Path(p).stem[4:]] in why
 
 
-@pytest.mark.xfail(strict=True, reason="AudioDataset pads a zero-length WAV (valid header, 0 samples) into a silent clip "
-                   "that keeps its label and reports nothing, while FeatureStore.build skips the same file "
-                   "('no audio (0 samples)'): online and stored features train on different data")
 def test_dataset_reports_zero_length_audio(tmp_path):
     "Zero-length audio in a dataset: reported and skipped like the other broken files (as the feature store does)."
     from audiotl_nb.data import AudioDataset
@@ -214,9 +211,6 @@ def test_run_completes_with_missing_and_broken_clips(damaged_run):
     assert set(task.missing.split) <= {"train", "dev", "test"} and "test" in set(task.missing.split)
 
 
-@pytest.mark.xfail(strict=True, reason="the trainers record no manifest of skipped clips: Task.missing (clips listed but "
-                   "absent) and AudioDataset.failures (unreadable clips) only reach Python warnings; nothing in the run "
-                   "directory lists them (expected e.g. skipped.csv with split, path, reason)")
 def test_run_directory_lists_skipped_clips(damaged_run):
     "5 % missing and broken clips: the run directory holds a manifest naming every clip the run skipped, with a reason."
     res, removed, broken, _, _ = damaged_run
@@ -569,10 +563,6 @@ def test_full_disk_keeps_finished_grid_results(disk):
     assert res.ok and res.count("skipped") == 2 and len(results_table(store)) == 6
 
 
-@pytest.mark.xfail(strict=True, reason="RunStore.try_lock creates the lock file with O_EXCL and then writes its JSON; when "
-                   "that write fails (full disk, or a kill between the two) an empty .lock stays behind, lock_holder reads it "
-                   "as held by an unknown owner ({'host': '?', 'unreadable': True}) and never as stale: execute_run answers "
-                   "'locked' forever and run_grid waits on the run as 'foreign' without end")
 def test_full_disk_leaves_no_lock_that_blocks_the_run(tmp_path):
     "A full disk while a grid takes a run's lock: once space is back, the run executes (no empty lock blocks it forever)."
     from audiotl_nb.experiments import execute_run
@@ -585,9 +575,6 @@ def test_full_disk_leaves_no_lock_that_blocks_the_run(tmp_path):
         assert execute_run(store, ids[0])["outcome"] == "done"
 
 
-@pytest.mark.xfail(strict=True, reason="experiments.write_report writes results.csv and summary.csv with DataFrame.to_csv "
-                   "straight over the previous report: the file is truncated when opened, so a write that fails (full disk) "
-                   "leaves a cut-off results.csv where the complete earlier one was; atomic_write_text would keep it")
 def test_full_disk_keeps_the_previous_report(tmp_path, monkeypatch):
     "A full disk while a study report is rewritten: the write fails and the previous results.csv stays complete."
     import papermill
@@ -640,9 +627,6 @@ def test_nonfinite_loss_fails_the_run_and_a_retry_resumes(world, reference, tmp_
     assert_same_run(run_spec(spec, run), reference)
 
 
-@pytest.mark.xfail(strict=True, reason="experiments.execute_run overwrites the trainer's status 'failed: non-finite loss at "
-                   "epoch E step S' with 'failed: NonFiniteLossError: Exception occured in `NonFiniteCallback` when calling "
-                   "event `after_loss`:' (fastai's rewritten message), losing the epoch and step")
 def test_nonfinite_loss_status_survives_the_grid(world, tmp_path):
     "A diverging run executed by the grid: the run store shows `failed: non-finite loss at epoch E step S`."
     from audiotl_nb.experiments import RunRecord, RunStore, execute_run
