@@ -158,13 +158,26 @@ def spec_hash(spec: Any, n: int = 12) -> str:
     return hashlib.sha1(s.encode()).hexdigest()[:n]
 
 # %% ../nbs/00_core.ipynb #acaf8812
+def _umask() -> int:
+    "The process's file-creation mask (read from /proc where possible: setting it to read it is not thread-safe)."
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    m = os.umask(0o022); os.umask(m)
+    return m
+
 @contextmanager
 def atomic_write(path, mode: str = "w", **kwargs):
-    "Context manager yielding a file object whose content replaces `path` atomically on success."
+    """Context manager yielding a file object whose content replaces `path` atomically on success. The new file
+    gets the permissions of the file it replaces, or those `open` would give a new file (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        try: perm = path.stat().st_mode & 0o7777
+        except OSError: perm = 0o666 & ~_umask()
+        os.fchmod(fd, perm)
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
