@@ -18,6 +18,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,10 +43,10 @@ __all__ = ['RUN_REF', 'WORLD_REF', 'RUNNERS', 'ONTOLOGY_SUBSETS', 'PAPER1_TASKS'
            'resolve_refs', 'RunRecord', 'register_runner', 'toy_run', 'OntologyStudy', 'BackboneStudy', 'DistillStudy',
            'RunList', 'load_grid', 'grid_to_yaml', 'pid_alive', 'RunLock', 'RunStore', 'experiments_dir',
            'notebook_for', 'run_notebook', 'run_direct', 'set_threads', 'threads_limited', 'execute_run',
-           'results_table', 'summarise', 'die_with_parent', 'worker_loop', 'LocalExecutor', 'SlurmExecutor',
-           'GridResult', 'run_grid', 'tiny_world', 'default_spec', 'notebook_spec', 'notebook_run_dir', 'plot_history',
-           'study_config', 'html_report', 'write_report', 'prebuild_features', 'run_study', 'grid_main', 'report_main',
-           'study_main']
+           'results_table', 'summarise', 'die_with_parent', 'template_loop', 'worker_loop', 'LocalExecutor',
+           'SlurmExecutor', 'GridResult', 'run_grid', 'tiny_world', 'default_spec', 'notebook_spec', 'notebook_run_dir',
+           'plot_history', 'study_config', 'html_report', 'write_report', 'prebuild_features', 'run_study', 'grid_main',
+           'report_main', 'study_main']
 
 # %% ../nbs/10_experiments.ipynb #f5bcfbff
 RUN_REF = re.compile(r"^run:([0-9a-f]{6,40})(?:/(.*))?$")
@@ -772,45 +773,148 @@ def die_with_parent(parent: int, poll: float = 1.0):
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
-class _Worker:
-    "A worker subprocess: reads run ids on stdin, executes them, writes one JSON outcome per line to a result pipe."
-    def __init__(self, store_root: Path, mode: str, threads: int, preload: str = ""):
-        r, w = os.pipe()
+def _preload(preload: str):
+    for m in filter(None, preload.split(",")):          # a run that needs a missing module reports it itself
+        try: importlib.import_module(m)
+        except Exception: pass
+
+
+class _Template:
+    "A process that imports what the runs need once, then forks a worker per request (a fork, not a Python start-up)."
+    def __init__(self, preload: str):
+        self.sock, theirs = socket.socketpair()
         code = (f"import sys\ntry: {_PDEATHSIG}\nexcept Exception: pass\n"
-                "from audiotl_nb.experiments import worker_loop; worker_loop(*sys.argv[1:])")
-        # a session of its own: the scheduler's autogroups give each worker its own CPU share, as two terminals
-        # would have; it dies with this process (die_with_parent), as it did with the session's process group
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(store_root), mode, str(threads), str(w),
-                                      str(os.getpid()), preload],
-                                     stdin=subprocess.PIPE, text=True, pass_fds=(w,), start_new_session=True)
+                "from audiotl_nb.experiments import template_loop; template_loop(*sys.argv[1:])")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid()), preload],
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.pending = []                          # workers waiting for their pid, in the order asked
+
+    def alive(self) -> bool: return self.proc.poll() is None
+
+    def request(self, worker, fds: list[int], args: list[str]):
+        socket.send_fds(self.sock, [json.dumps(args).encode()], fds)
+        self.pending.append(worker)
+
+    def collect(self, block: bool = False):
+        "Hand the pids the template has answered to their workers."
+        while self.pending:
+            if not block and not select.select([self.sock], [], [], 0)[0]: return
+            reply = self.sock.recv(12, socket.MSG_WAITALL)
+            if len(reply) < 12: raise OSError("the worker template process has ended")
+            self.pending.pop(0).forked(int(reply))
+
+    def close(self):
+        self.sock.close()                           # the template ends when its socket closes
+        try: self.proc.wait(10)
+        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+
+
+def _reap(signum, frame):
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]: pass
+    except ChildProcessError: pass
+
+def template_loop(fd: str, parent: str, preload: str = ""):
+    "The body of a `LocalExecutor` worker template (see `_Template`): import, then fork one worker per request."
+    die_with_parent(int(parent))
+    _preload(preload)
+    sock, me = socket.socket(fileno=int(fd)), os.getpid()
+    signal.signal(signal.SIGCHLD, _reap)                        # ended workers are reaped (their CPU time counted)
+    while True:
+        try: msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
+        except OSError: break
+        if not msg or len(fds) != 2: break
+        pid = os.fork()
+        if pid == 0:                                            # the worker
+            code = 1
+            try:
+                sock.close(); os.setsid()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                worker_loop(*json.loads(msg), str(fds[1]), str(me), "", str(fds[0]))
+                code = 0
+            except SystemExit as e: code = e.code if isinstance(e.code, int) else 1
+            except BaseException: traceback.print_exc()
+            finally:
+                sys.stdout.flush(); sys.stderr.flush(); os._exit(code)
+        for f in fds: os.close(f)
+        sock.sendall(b"%11d\n" % pid)
+    os._exit(0)
+
+
+class _Worker:
+    "A worker process: reads run ids on a pipe, executes them, writes one JSON outcome per line to a result pipe."
+    def __init__(self, store_root: Path, mode: str, threads: int, preload: str = "", template: _Template | None = None):
+        r, w = os.pipe()
+        args = [str(store_root), mode, str(threads)]
+        self.proc = self.pid = self.start = None
+        self.template = template
+        if template is not None:                   # forked by the template
+            ir, iw = os.pipe()
+            try: template.request(self, [ir, w], args); self.stdin = os.fdopen(iw, "w")
+            except OSError: os.close(iw); self.template = None
+            finally: os.close(ir)
+        if self.template is None:                  # a fresh Python process
+            code = (f"import sys\ntry: {_PDEATHSIG}\nexcept Exception: pass\n"
+                    "from audiotl_nb.experiments import worker_loop; worker_loop(*sys.argv[1:])")
+            # a session of its own: the scheduler's autogroups give each worker its own CPU share, as two terminals
+            # would have; it dies with this process (die_with_parent), as it did with the session's process group
+            self.proc = subprocess.Popen([sys.executable, "-c", code, *args, str(w), str(os.getpid()), preload],
+                                         stdin=subprocess.PIPE, text=True, pass_fds=(w,), start_new_session=True)
+            self.stdin, self.pid = self.proc.stdin, self.proc.pid
         os.close(w)
         self.results = os.fdopen(r, "r")
         self.run_id = None
 
+    def forked(self, pid: int):
+        self.pid, self.start = pid, _proc_start(pid) or "ended"
+
+    def ended(self) -> bool:
+        "Whether the worker process has ended."
+        if self.proc is not None: return self.proc.poll() is not None
+        if self.pid is None:
+            try: self.template.collect()
+            except OSError: return True
+            if self.pid is None: return not self.template.alive()
+        return not pid_alive(self.pid, self.start)
+
+    def why(self) -> str:
+        return f"worker process ended with code {self.proc.returncode}" if self.proc is not None else "worker process ended"
+
     def send(self, run_id: str):
         self.run_id = run_id
-        self.proc.stdin.write(run_id + "\n"); self.proc.stdin.flush()
+        try: self.stdin.write(run_id + "\n"); self.stdin.flush()
+        except BrokenPipeError: pass                    # it has ended: `ended()` reports the run lost
 
     def stop(self, kill: bool = False):
-        try: self.proc.stdin.close()
+        try: self.stdin.close()
         except OSError: pass
-        if kill and self.proc.poll() is None:
-            self.proc.terminate()
-            try: self.proc.wait(10)
-            except subprocess.TimeoutExpired: self.proc.kill()
-        self.proc.wait()
+        if self.proc is not None:
+            if kill and self.proc.poll() is None:
+                self.proc.terminate()
+                try: self.proc.wait(10)
+                except subprocess.TimeoutExpired: self.proc.kill()
+            self.proc.wait()
+        else:
+            if self.pid is None:
+                try: self.template.collect(block=True)
+                except OSError: pass
+            if self.pid is not None and kill and not self.ended():
+                os.kill(self.pid, signal.SIGTERM)
+                t0 = time.time()
+                while not self.ended() and time.time() - t0 < 10: time.sleep(0.05)
+                if not self.ended(): os.kill(self.pid, signal.SIGKILL)
+            while self.pid is not None and not self.ended(): time.sleep(0.05)   # it ends at the end of its input
         self.results.close()
 
 
-def worker_loop(store_root: str, mode: str, threads: str, fd: str, parent: str = "0", preload: str = ""):
+def worker_loop(store_root: str, mode: str, threads: str, fd: str, parent: str = "0", preload: str = "", infd: str = ""):
     "The body of a `LocalExecutor` worker process (see `_Worker`)."
     if int(parent): die_with_parent(int(parent))
     set_threads(int(threads))
-    for m in filter(None, preload.split(",")):          # while the grid still prepares; a run reports what is missing
-        try: importlib.import_module(m)
-        except Exception: pass
+    _preload(preload)                                  # while the grid still prepares
     out = os.fdopen(int(fd), "w", buffering=1)
-    for line in sys.stdin:
+    for line in (os.fdopen(int(infd), "r") if infd else sys.stdin):
         rid = line.strip()
         if not rid: continue
         try: r = execute_run(store_root, rid, mode)
@@ -821,11 +925,12 @@ def worker_loop(store_root: str, mode: str, threads: str, fd: str, parent: str =
 class LocalExecutor:
     "Run on this machine: `workers` worker processes (0: in this process), each with `threads` torch threads."
     name = "local"
-    def __init__(self, workers: int = 1, mode: str = "papermill", threads: int | None = None):
+    def __init__(self, workers: int = 1, mode: str = "papermill", threads: int | None = None, fork: bool | None = None):
         check_name(mode, MODES, "execution mode")
         self.workers, self.mode = int(workers), mode
         self.threads = threads or max(1, _cores() // max(1, self.workers))
-        self.pool, self.queue = [], []
+        self.fork = sys.platform.startswith("linux") if fork is None else bool(fork)   # workers forked from a template
+        self.pool, self.queue, self.template, self.preload = [], [], None, ""
 
     def __repr__(self): return f"LocalExecutor(workers={self.workers}, mode={self.mode!r}, threads={self.threads})"
 
@@ -839,7 +944,9 @@ class LocalExecutor:
         self.preload = ",".join(mods)
         while len(self.pool) < min(self.workers, len(ids)): self._spawn()
 
-    def _spawn(self): self.pool.append(_Worker(self.store.root, self.mode, self.threads, self.preload))
+    def _spawn(self):
+        if self.fork and (self.template is None or not self.template.alive()): self.template = _Template(self.preload)
+        self.pool.append(_Worker(self.store.root, self.mode, self.threads, self.preload, self.template if self.fork else None))
 
     def submit(self, ids: Sequence[str]): self.queue.extend(ids)
 
@@ -869,15 +976,16 @@ class LocalExecutor:
             if line:
                 out.append(json.loads(line)); w.run_id = None
         for w in list(self.pool):               # a worker that died (killed, out of memory) loses its run
-            if w.run_id is not None and w.proc.poll() is not None:
-                out.append({"run_id": w.run_id, "outcome": "lost", "error": f"worker process ended with code {w.proc.returncode}"})
+            if w.run_id is not None and w.ended():
+                out.append({"run_id": w.run_id, "outcome": "lost", "error": w.why()})
                 w.run_id = None; w.stop(); self.pool.remove(w)
         self._dispatch()
         return out
 
     def close(self, cancel: bool = False):
         for w in self.pool: w.stop(kill=cancel)
-        self.pool, self.queue = [], []
+        if self.template is not None: self.template.close()
+        self.pool, self.queue, self.template = [], [], None
 
 
 class SlurmExecutor:

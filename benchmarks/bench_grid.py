@@ -19,12 +19,15 @@ beyond its cores is several times slower than one). The default mode is `direct`
 What bounds the number: each worker is a fresh Python process that imports torch, fastai (with the pandas, scipy,
 scikit-learn and matplotlib it imports) and the trainer, and its first run imports torch._dynamo (torch's optimizers do,
 on first use): about 7 CPU seconds, against about 0.5 CPU seconds for one of these runs. Both sides pay that start-up
-once, so with start-up S and run time r the speed-up is at most (S + n r) / (S + n r / 2): the grid must be long next to
-S before 2 workers can approach 2x. The workers run in sessions of their own (the executor starts them so), so Linux's
-CFS with autogroups (`/proc/sys/kernel/sched_autogroup_enabled`), which shares the CPU between sessions, gives each its
-own share when other sessions load the machine.
+once (on Linux the executor forks the workers from one template process that made the imports, so a second worker
+costs a fork, not a second start-up), so with start-up S and run time r the speed-up is at most
+(S + n r) / (S + n r / 2): the grid must be long next to S before 2 workers can approach 2x. The workers run in sessions
+of their own (the executor starts them so), so Linux's CFS with autogroups (`/proc/sys/kernel/sched_autogroup_enabled`),
+which shares the CPU between sessions, gives each its own share when other sessions load the machine. `--no-fork` starts
+each worker as a fresh process instead (each pays the start-up). The workers' CPU (`RUSAGE_CHILDREN`) includes the
+template's.
 
-    .venv/bin/python benchmarks/bench_grid.py [--runs 16] [--rounds 1] [--mode direct] [--warmup 0] [--out benchmarks/results/grid.json]
+    .venv/bin/python benchmarks/bench_grid.py [--runs 16] [--rounds 1] [--mode direct] [--warmup 0] [--no-fork] [--out benchmarks/results/grid.json]
 """
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=1, help="timed rounds of each worker count")
     ap.add_argument("--mode", default="direct", choices=["direct", "papermill"])
     ap.add_argument("--warmup", type=int, default=0, help="untimed rounds first")
+    ap.add_argument("--no-fork", action="store_true", help="start each worker as a fresh process (no template)")
     ap.add_argument("--out", default=str(RESULTS / "grid.json"))
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench_grid_"))
@@ -99,7 +103,7 @@ def main(argv=None) -> dict:
                 k += 1
                 store = RunStore(tmp / f"store{k}")
                 la0, c0, t0 = loadavg(), children_cpu(), time.perf_counter()
-                res = run_grid(store, records, LocalExecutor(workers=w, mode=a.mode, threads=1), progress=False)
+                res = run_grid(store, records, LocalExecutor(workers=w, mode=a.mode, threads=1, fork=not a.no_fork), progress=False)
                 wall, cpu = time.perf_counter() - t0, children_cpu() - c0
                 if not res.ok: raise RuntimeError(f"grid failed with {w} worker(s): {res.errors}")
                 m = dict(wall_s=wall, workers_cpu_s=cpu, loadavg_before=la0, loadavg_after=loadavg(), **run_times(store, res.ids))
@@ -128,14 +132,14 @@ def main(argv=None) -> dict:
         mode=a.mode, threads_per_worker=1, machine=info, rounds=a.rounds,
         one_worker=dict(wall_s=t1, all_wall_s=[m["wall_s"] for m in rows[1]], workers_cpu_s=cpu1, rounds=rows[1]),
         two_workers=dict(wall_s=t2, all_wall_s=[m["wall_s"] for m in rows[2]], workers_cpu_s=cpu2, rounds=rows[2]),
-        sched_autogroup_enabled=autogroup(),
+        sched_autogroup_enabled=autogroup(), forked_workers=not a.no_fork,
         speedup=speedup, speedup_per_round=per_round, speedup_spread=spread(per_round),
         steady_run_s={"1": r1, "2": r2}, steady_speedup=steady, worker_startup_s=startup,
         speedup_allowed_by_startup=allowed, target=1.7, target_met=bool(speedup >= 1.7),
         seconds=round(time.perf_counter() - t_start, 1),
         bound=(f"{cores} cores, load average {info['loadavg_start'][0]} -> {info['loadavg_end'][0]} from other sessions; "
                f"autogroup scheduling {'on' if autogroup() == '1' else autogroup()}"
-               f" (each worker in a session of its own); "
+               f" (each worker in a session of its own); workers {'forked from one template' if not a.no_fork else 'started fresh'}; "
                f"worker start-up {startup:.0f} s vs {r1:.1f} s per run: start-up alone allows {allowed:.2f}x for {a.runs} runs; "
                f"steady-state speed-up {steady:.2f}x; workers' CPU {cpu1:.1f} s (1) vs {cpu2:.1f} s (2)"),
         when=time.strftime("%Y-%m-%d %H:%M:%S"))

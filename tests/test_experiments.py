@@ -310,3 +310,30 @@ def test_workers_have_their_own_session_and_die_with_the_grid(tmp_path):
     finally:
         if p.poll() is None: p.kill(); p.wait()
         if worker and pid_alive(worker): os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_workers_forked_from_one_template_or_started_fresh(tmp_path, fork):
+    "fork=True: both workers are children of one template process, which ends with the grid; fork=False: children of the grid."
+    import threading
+    from audiotl_nb.experiments import pid_alive
+    store = RunStore(tmp_path / "store")
+    ids = store.add_all([RunRecord({"kind": "toy", "seed": s, "sleep": 2.0}) for s in range(2)])
+    seen, stop = {}, threading.Event()
+    def watch():
+        while not stop.is_set():
+            for rid in ids:
+                try:
+                    pid = json.loads((store.run_path(rid) / ".lock").read_text())["pid"]
+                    seen[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, KeyError): pass
+            time.sleep(0.05)
+    t = threading.Thread(target=watch, daemon=True); t.start()
+    try: res = run_grid(store, ids, LocalExecutor(workers=2, mode="direct", threads=1, fork=fork), progress=False, poll=0.1)
+    finally: stop.set(); t.join(5)
+    assert res.ok and res.count("done") == 2
+    assert len(seen) == 2 and len(set(seen.values())) == 1, seen
+    parent = next(iter(seen.values()))
+    if fork: assert parent != os.getpid() and not pid_alive(parent)        # the template ended with the grid
+    else: assert parent == os.getpid()
+    assert not any(pid_alive(p) for p in seen)
