@@ -369,8 +369,14 @@ def load_grid(src) -> tuple[Config, dict]:
     if isinstance(src, dict): d, base = dict(src), Path.cwd()
     else:
         text, base = str(src), Path.cwd()
+        if "\n" not in text and Path(text).is_dir():     # a run store: the grid file `audiotl study` left in it
+            found = [f for f in ("study.yaml", "grid.yaml") if (Path(text) / f).is_file()]
+            if not found: raise ConfigError(f"{text} is a folder without a grid file (study.yaml or grid.yaml): give the grid's YAML file")
+            text = str(Path(text) / found[0])
         if "\n" not in text and Path(text).exists():
             base = Path(text).resolve().parent; text = Path(text).read_text()
+        elif "\n" not in text and Path(text).suffix.lower() in (".yaml", ".yml", ".json"):
+            raise ConfigError(f"no grid file {text}")
         try: d = yaml.safe_load(text)
         except yaml.YAMLError as e: raise ConfigError(f"cannot parse grid {src}: {e}") from None
     if not isinstance(d, dict) or "grid" not in d:
