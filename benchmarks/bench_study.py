@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "tiny", "--repeats", "1"]
+TIMEOUT = 2700      # the study itself may take its 15 minutes and more on a loaded machine
 BUDGET_S = 900.0
 
 
