@@ -285,6 +285,29 @@ def mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max, mel_scale="slaney",
 # %% ../nbs/02_audio.ipynb #0f35eab0
 _CPU_PIECE = 2 ** 20  # frame samples per piece of a CPU batch and thread: 4 MB of windowed frames, 4 MB of spectrum
 
+@contextmanager
+def _torch_threads(n: int):
+    "Run the block with `n` intra-op torch threads (torch's setting is per thread), then restore the caller's."
+    old = torch.get_num_threads()
+    if n != old: torch.set_num_threads(n)
+    try: yield
+    finally:
+        if n != old: torch.set_num_threads(old)
+
+def _run_pieces(fn, n_pieces: int, threads: int):
+    """Call `fn(k)` for every piece k: in this thread, or with `threads` > 1 on a pool of threads that each run their
+    pieces single-threaded (torch releases the GIL inside its kernels). Many small pieces side by side scale
+    better than each small step split over the threads, whose start and join cost more than the step itself."""
+    if threads <= 1 or n_pieces <= 1:
+        for k in range(n_pieces): fn(k)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    def work(ks):
+        with _torch_threads(1):
+            for k in ks: fn(k)
+    with ThreadPoolExecutor(min(threads, n_pieces)) as ex:
+        list(ex.map(work, [range(t, n_pieces, threads) for t in range(min(threads, n_pieces))]))
+
 def _pad_edges(x: torch.Tensor, p: int, mode: str) -> torch.Tensor:
     "`F.pad(x, (p, p), mode)` for (B, N), padding copies of the two ends only (all but circular padding are local)."
     if mode == "circular" or p == 0: return F.pad(x[:, None], (p, p), mode=mode)[:, 0]
@@ -342,23 +365,27 @@ class LogMelFrontend(Frontend):
             bands = [(2 * lo, 2 * hi, self.fb[lo:hi, a:b].repeat_interleave(2, 0)) for a, b, lo, hi in self._bands]
         else:
             bands = [(lo, hi, self.fb[lo:hi, a:b]) for a, b, lo, hi in self._bands]
-        step = len(x)
-        if x.device.type == "cpu":  # a piece per thread's worth: fewer, larger parallel steps with more threads
-            step = max(1, _CPU_PIECE * torch.get_num_threads() // (self._natural_frames(x.shape[-1]) * c.n_fft))
-        M, parts = None, []
-        for i in range(0, len(x), step):
-            part = x[i:i + step]
+        step, threads = len(x), 1
+        if x.device.type == "cpu":  # pieces of about 4 MB of frames, side by side on the torch threads
+            step = max(1, _CPU_PIECE // (self._natural_frames(x.shape[-1]) * c.n_fft))
+            threads = torch.get_num_threads() if inplace else 1
+        def mel_of(part):
             xp = _pad_edges(part, p, c.pad_mode) if c.center else part
             frames = xp.unfold(-1, c.n_fft, c.hop_length) * win                  # (b, T, n_fft), windowed
             ri = torch.view_as_real(torch.fft.rfft(frames))                      # (b, T, n_fft/2+1, 2): re, im
             sq = ri.square_() if inplace else ri.square()
             if c.power == 2.0: S = sq.reshape(-1, 2 * nb)                        # (b·T, 2·bins): re², im², ...
             else: S = (sq[..., 0] + sq[..., 1]).sqrt_().reshape(-1, nb)          # |X|
-            mel = [S[:, lo:hi] @ w for lo, hi, w in bands]                       # each (b·T, filters of the group)
-            if not inplace: parts.append(torch.cat(mel, 1).view(len(part), -1, c.n_mels)); continue
-            if M is None: M = x.new_empty(len(x), frames.shape[1], c.n_mels)
-            torch.cat(mel, 1, out=M[i:i + len(part)].view(-1, c.n_mels))          # straight into the batch's output
-        if M is None: M = torch.cat(parts)
+            return [S[:, lo:hi] @ w for lo, hi, w in bands]                      # each (b·T, filters of the group)
+        starts = range(0, len(x), step)
+        if inplace:
+            M = x.new_empty(len(x), self._natural_frames(x.shape[-1]), c.n_mels)
+            def piece(k):
+                i = starts[k]
+                torch.cat(mel_of(x[i:i + step]), 1, out=M[i:i + step].view(-1, c.n_mels))   # straight into the output
+            _run_pieces(piece, len(starts), threads)
+        else:
+            M = torch.cat([torch.cat(mel_of(x[i:i + step]), 1).view(len(x[i:i + step]), -1, c.n_mels) for i in starts])
         mult = 10.0 if c.power == 2.0 else 20.0
         L = M.clamp_(min=c.amin).log10_().mul_(mult) if inplace else mult * M.clamp(min=c.amin).log10()
         db_ref = mult * math.log10(max(c.amin, c.ref))

@@ -78,13 +78,20 @@ def one_thread(fn):
     return run
 
 
+SETTLE_S = 0.3   # pause before each timed call: the previous method's idle threads stop spinning first
+
+
 def measure(methods: dict, repeats: int) -> dict:
     """Median wall and CPU seconds per call of each method. The methods are interleaved (one call of each per
-    round), so that a change in the machine's load affects them alike."""
+    round), so that a change in the machine's load affects them alike. Each timed call follows a pause of
+    `SETTLE_S`: after a parallel call, OpenMP's and OpenBLAS's worker threads keep spinning for a while, and a call
+    that starts at once shares the cores with them (measured: our batch ran at 400 clips/s straight after librosa,
+    at 694 alone or after a pause), which would charge one method for the other's threads."""
     for fn, _ in methods.values(): fn()  # warm-up
     wall, cpu = {k: [] for k in methods}, {k: [] for k in methods}
     for _ in range(repeats):
         for k, (fn, _) in methods.items():
+            time.sleep(SETTLE_S)
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
             wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
