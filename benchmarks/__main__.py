@@ -308,7 +308,10 @@ def report(summary: dict, rows: list[Row]) -> str:
              " (1, 5, 15 min; above the core count, processes wait for a core)",
              f"- scheduler autogroups: {m.get('sched_autogroup_enabled')} (1: CPU is shared fairly between sessions, not processes)",
              "", "## Results", "", table(rows, markdown=True), ""]
-    if summary.get("notes"): lines += ["## Findings", "", *[f"- {n}" for n in summary["notes"]], ""]
+    findings = HERE / "FINDINGS.md"      # what was learnt from the numbers, written by hand; kept across runs
+    extra = [f"- {n}" for n in summary.get("notes") or []]
+    if findings.exists() and not summary["quick"]: extra += [findings.read_text().strip()]
+    if extra: lines += ["## Findings", "", *extra, ""]
     lines += ["## What bounds each number", ""]
     seen = set()
     for r in rows:
