@@ -237,14 +237,16 @@ class Task:
         "Number of clips of each class in `split` (what `BalancedCE` weighs by)."
         return np.asarray(self.label_matrix(split).sum(0), dtype=np.int64).ravel()
 
-    def frame_counts(self, split: str = "train") -> sp.csr_matrix:
-        "Active target frames per clip and class, a sparse `(n, C)` matrix (for `ActiveTimeSampler`); frame tasks only."
+    def frame_counts(self, split: str = "train", n_frames: int | None = None) -> sp.csr_matrix:
+        """Active target frames per clip and class, a sparse `(n, C)` matrix (for `ActiveTimeSampler`); frame tasks
+        only. `n_frames`: the length of the frame targets (default: the task's; a shorter or longer clip crop counts
+        what falls inside it)."""
         if self.kind != "frames": raise ConfigError(f"task {self.name!r} has no frame labels (kind {self.kind!r})")
         rows, cols, vals = [], [], []
         for i, ev in enumerate(self.items(split).events):
             present = sorted({c for _, _, c in ev})
             local = {c: k for k, c in enumerate(present)}
-            counts = frame_targets([(on, off, local[c]) for on, off, c in ev], self.n_frames, self.frame_hop,
+            counts = frame_targets([(on, off, local[c]) for on, off, c in ev], n_frames or self.n_frames, self.frame_hop,
                                    len(present)).sum(0)
             rows += [i] * len(present); cols += [self.class_index[c] for c in present]; vals += counts.tolist()
         n = len(self.items(split))
@@ -958,8 +960,10 @@ def _as_store(store, frontend, task: Task, splits: Sequence[str], build: bool = 
 
 
 def make_train_sampler(task: Task, split: str = "train", sampler="uniform", num_samples: int | None = None,
-                       num_replicas: int | None = None, rank: int | None = None, seed: int = 0) -> Sampler:
-    "The training sampler of `task` by name (`uniform`, `balanced`, `active_time`); a sampler object passes through."
+                       num_replicas: int | None = None, rank: int | None = None, seed: int = 0,
+                       n_frames: int | None = None) -> Sampler:
+    """The training sampler of `task` by name (`uniform`, `balanced`, `active_time`); a sampler object passes through.
+    `n_frames`: the frame-target length the clips are trained with (`active_time` weighs active frames within it)."""
     if not isinstance(sampler, str): return sampler
     check_name(sampler, SAMPLERS, "sampler")
     num_replicas, rank = dist_info(num_replicas, rank)
@@ -972,7 +976,7 @@ def make_train_sampler(task: Task, split: str = "train", sampler="uniform", num_
         return ClassBalancedSampler(task.label_matrix(split), num_samples=num_samples, n_classes=task.n_classes,
                                     num_replicas=num_replicas, rank=rank, seed=seed)
     if task.kind != "frames": raise ConfigError(f"sampler 'active_time' needs frame labels; task {task.name!r} is {task.kind!r}")
-    return ActiveTimeSampler(task.frame_counts(split), num_samples=num_samples or 100_000,
+    return ActiveTimeSampler(task.frame_counts(split, n_frames), num_samples=num_samples or 100_000,
                              num_replicas=num_replicas, rank=rank, seed=seed)
 
 
@@ -987,7 +991,7 @@ def make_dataloader(task: Task, split: str, bs: int = 32, train: bool = False, s
                                 random_crop=train if random_crop is None else random_crop,
                                 bad_file_log=bad_file_log, **({"clip_seconds": clip_seconds} if clip_seconds else {}))
     if train:
-        smp = make_train_sampler(task, split, sampler, num_samples, num_replicas, rank, seed)
+        smp = make_train_sampler(task, split, sampler, num_samples, num_replicas, rank, seed, n_frames=ds.n_frames)
         if drop_last is None: drop_last = len(smp) >= bs
     else:
         smp, drop_last = EvalShardSampler(len(ds), num_replicas, rank), False

@@ -524,6 +524,22 @@ def test_clip_seconds_override_sets_the_frame_targets(tmp_path):
         assert xb.shape == (1, 8000) and yb.shape == (1, 25, 1)
 
 
+def test_active_time_sampler_counts_frames_within_the_clip_length(tmp_path):
+    "With a clip_seconds override, the active-time sampler weighs the active frames of the clips as trained."
+    paths = [str(wav(tmp_path / f"c{k}.wav", seconds=4.0, sr=8000)) for k in range(2)]
+    items = pd.DataFrame({"path": paths, "label": [("e",), ("e",)],
+                          "events": [[(0.4, 0.8, "e")], [(2.0, 3.6, "e")]]})      # the second lies past 2 s
+    task = Task("t", "frames", ["e"], {"train": items, "dev": items}, clip_seconds=4.0, frame_hop=0.04)
+    assert task.frame_counts("train").toarray()[:, 0].tolist() == [10, 40]
+    assert task.frame_counts("train", n_frames=50).toarray()[:, 0].tolist() == [10, 0]
+    dl = make_dataloader(task, "train", bs=1, train=True, sampler="active_time", num_samples=4, sample_rate=8000,
+                         clip_seconds=2.0, device="cpu")
+    full = make_dataloader(task, "train", bs=1, train=True, sampler="active_time", num_samples=4, sample_rate=8000,
+                           device="cpu")
+    assert dl.sampler.weights.tolist() != full.sampler.weights.tolist()
+    w = dl.sampler.weights
+    assert w[0] > w[1]           # within 2 s only the first clip is active
+
 def test_zero_length_audio_is_reported_and_skipped(tmp_path):
     "A WAV with a valid header and no samples is skipped like unreadable audio, with the feature store's reason."
     good = [str(wav(tmp_path / f"g{k}.wav", seconds=0.2, freq=300 + 100 * k)) for k in range(2)]
