@@ -44,9 +44,8 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("world") / "w", config=cfg)
 
 
-def test_torchrun_two_processes_gloo(world, tmp_path):
-    spec = dict(kind="finetune", task="dcase2018_bad", root=str(world.tasks["dcase2018_bad"]), model_kw={"width": 0.125},
-                epochs=2, bs=4, clip_seconds=1.0, deterministic=True, keep="last")
+def torchrun_two(spec: dict, tmp_path):
+    "Run `spec` under torchrun with 2 CPU processes (gloo); (rank 0's report, rank 1's report, the run directory)."
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "launch.py").write_text(LAUNCHER)
     run = tmp_path / "run"
@@ -57,6 +56,13 @@ def test_torchrun_two_processes_gloo(world, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["world"], r1["world"]) == (2, 2)
+    return r0, r1, run
+
+
+def test_torchrun_two_processes_gloo(world, tmp_path):
+    spec = dict(kind="finetune", task="dcase2018_bad", root=str(world.tasks["dcase2018_bad"]), model_kw={"width": 0.125},
+                epochs=2, bs=4, clip_seconds=1.0, deterministic=True, keep="last")
+    r0, r1, run = torchrun_two(spec, tmp_path)
     # both ranks hold the same model and computed the same (gathered) metrics and history
     assert r0["sums"] == r1["sums"]
     assert r0["history"] == r1["history"]
@@ -70,6 +76,25 @@ def test_torchrun_two_processes_gloo(world, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"] == r0["metrics"]["test"]
     # the weights saved by rank 0 (keep="last") are the trained replica's
+    import torch
+    sd = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    assert float(sd["conv_block1.conv1.weight"].double().sum()) == pytest.approx(r0["sums"]["conv_block1.conv1.weight"], rel=1e-12)
+
+
+def test_pretrain_torchrun_two_processes_gloo(world, tmp_path):
+    "Pre-training under torchrun: the ranks end alike, rank 0 alone writes the run directory (skipped.csv too)."
+    spec = dict(kind="pretrain", root=str(world.audioset), model_kw={"width": 0.125}, epochs=1, bs=10, clip_seconds=1.0,
+                deterministic=True)
+    r0, r1, run = torchrun_two(spec, tmp_path)
+    assert r0["sums"] == r1["sums"] and r0["history"] == r1["history"]
+    m0, m1 = ({k: v for k, v in r["metrics"].items() if k != "seconds"} for r in (r0, r1))
+    assert m0 == m1 and m0["n_train"] == 40 and m0["best_epoch"] == 0 and m0["n_classes"] == 49    # keep="last"
+    assert set(m0["test"]) == {"loss", "mean_average_precision", "uaf1"}
+    for f in ("spec.json", "status.json", "history.csv", "metrics.json", "model.pt", "log.txt", "skipped.csv"):
+        assert (run / f).exists(), f
+    assert json.loads((run / "status.json").read_text())["status"] == "done"
+    log = (run / "log.txt").read_text()
+    assert log.count("start pretrain") == 1 and "rank 0 of 2" in log and log.count("skipped 0 clips") == 1
     import torch
     sd = torch.load(run / "model.pt", weights_only=True)["state_dict"]
     assert float(sd["conv_block1.conv1.weight"].double().sum()) == pytest.approx(r0["sums"]["conv_block1.conv1.weight"], rel=1e-12)
