@@ -82,3 +82,11 @@ def spread(xs) -> list[float]:
     "[min, max] of `xs`."
     xs = [x for x in xs if x is not None]
     return [float(min(xs)), float(max(xs))] if xs else []
+
+
+def write_result(out, result: dict) -> dict:
+    "Write a benchmark's results JSON to `out` (folders created); returns `result`."
+    import json
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 if __package__ in (None, ""): sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import RESULTS, loadavg, machine_info, median, spread  # noqa: E402
+from benchmarks import RESULTS, write_result, loadavg, machine_info, median, spread  # noqa: E402
 
 
 def cuda_status() -> tuple[bool, str]:
@@ -118,8 +118,7 @@ def main(argv=None) -> dict:
         info["loadavg_end"] = loadavg()
         result = dict(base, skipped=True, reason=why, machine=info, bound=why)
         print(f"skipped: {why}")
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(a.out, result)
         return result
 
     from audiotl_nb.core import RunDir
@@ -223,8 +222,7 @@ def main(argv=None) -> dict:
         print(f"{k:28s} {v['samples_per_s']:9.1f} samples/s  {v['x_fp32']:5.2f}x fp32"
               + (f"  GPU {v['gpu_utilisation_pct']:.0f} %" if v["gpu_utilisation_pct"] is not None else "")
               + (f"  peak {v['peak_memory_mib']:.0f} MiB" if v["peak_memory_mib"] is not None else ""))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(a.out, result)
     return result
 
 

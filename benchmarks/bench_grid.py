@@ -48,7 +48,7 @@ from pathlib import Path
 TIMEOUT = 300      # seconds: the runner's default of 150 is too tight for both sides when the machine is loaded
 
 if __package__ in (None, ""): sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import RESULTS, loadavg, machine_info, median, spread  # noqa: E402
+from benchmarks import RESULTS, write_result, loadavg, machine_info, median, spread  # noqa: E402
 from benchmarks.bench_train_step import write_task  # noqa: E402
 
 
@@ -154,8 +154,7 @@ def main(argv=None) -> dict:
           f"target 1.7x)")
     print(f"steady state: a run takes {r1:.2f} s alone, {r2:.2f} s beside another ({steady:.2f}x); worker start-up "
           f"{startup:.1f} s, which allows at most {allowed:.2f}x for {a.runs} runs")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(a.out, result)
     return result
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import RESULTS, machine_info, loadavg  # noqa: E402
+from benchmarks import RESULTS, write_result, machine_info, loadavg  # noqa: E402
 
 QUICK = ["--preset", "tiny"]
 TIMEOUT = 300
@@ -88,8 +88,7 @@ def main(argv=None) -> int:
     out = dict(preset=a.preset, target_s=TARGET_S, wall_s=wall, generation_s=first["generation_s"], cpu_s=first["cpu_s"],
                files=n_files, bytes=n_bytes, sha256=digest, ratio=round(TARGET_S / wall, 2), target=1.0,
                determinism=second, first=first, bound=bound, machine={**info, "loadavg_end": loadavg()})
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(a.out, out)
     return 0
 
 

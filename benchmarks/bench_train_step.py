@@ -45,7 +45,7 @@ import torch
 from fastai.callback.core import Callback
 
 if __package__ in (None, ""): sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import RESULTS, loadavg, machine_info, median, spread  # noqa: E402
+from benchmarks import RESULTS, write_result, loadavg, machine_info, median, spread  # noqa: E402
 
 SR = 16000
 
@@ -226,8 +226,7 @@ def main(argv=None) -> dict:
           ", ".join(f"{k} {v['total_ms']:.0f}" for k, v in costs.items()))
     print(f"ours/plain: {ratio:.3f} training samples/s (rounds {', '.join(f'{x:.2f}' for x in per_round)}), "
           f"{ratio_cpu:.3f} per CPU-second, {ratio_epoch:.3f} whole epoch; target >= 0.9")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(a.out, result)
     return result
 
 
