@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -66,18 +67,54 @@ def _interp(points, n):
 def _smooth(x, k):
     "Moving average of width `k` (edges padded with the end values)."
     k = int(k)
-    if k <= 1: return np.asarray(x, dtype=float)
-    xp = np.pad(np.asarray(x, dtype=float), (k // 2, k - 1 - k // 2), mode="edge")
-    c = np.cumsum(np.concatenate([[0.0], xp]))
+    x = np.asarray(x, dtype=float)
+    if k <= 1: return x
+    c = np.cumsum(np.concatenate([[0.0], np.full(k // 2, x[0]), x, np.full(k - 1 - k // 2, x[-1])]))
     return (c[k:] - c[:-k]) / k
+
+def _upsample(track, step, n):
+    "Linear interpolation of `track` (one value every `step` samples, from sample 0) to `n` samples."
+    track = np.asarray(track, dtype=float)
+    k = -(-n // step) + 1                       # values needed to cover n samples
+    track = np.concatenate([track[:k], np.full(max(0, k - len(track)), track[-1])])
+    ramp = np.arange(step) / step
+    return (track[:-1, None] + np.diff(track)[:, None] * ramp[None]).reshape(-1)[:n]
+
+_SQRT12 = np.float32(np.sqrt(12.0))
+
+def _noise(rng, shape):
+    """Zero-mean, unit-variance noise (float32) that is cheap to draw: uniform on [-√3, √3], a quarter of the
+    cost of Gaussian numbers here. Used where many values are summed before anything is heard (spectral bins
+    that an inverse FFT adds up, impulse responses, noise that is then filtered or smoothed): the sums are
+    Gaussian all the same (central limit theorem) and the spectrum is white either way."""
+    u = rng.random(shape, dtype=np.float32)
+    u -= np.float32(0.5)
+    u *= _SQRT12
+    return u
+
+@functools.lru_cache(maxsize=64)
+def _rfreqs(L, sr=SR):
+    "The (read-only, float32) bin frequencies of a real FFT of length `L`."
+    f = np.fft.rfftfreq(L, 1 / sr).astype(np.float32)
+    f.flags.writeable = False
+    return f
+
+def _fft_len(n):
+    "The FFT length used for a signal of `n` samples: the next length whose prime factors are all small."
+    return sfft.next_fast_len(max(int(n), 1), real=True)
 
 def _spectral_noise(rng, n, gain_fn, sr=SR):
     """Gaussian noise with magnitude response `gain_fn(freqs_hz)`, scaled to unit RMS. The random spectrum is
-    drawn directly (independent complex Gaussian bins), which is what the FFT of white noise is: one inverse FFT."""
-    f = np.fft.rfftfreq(n, 1 / sr)
-    spec = rng.standard_normal((2, len(f)))
-    y = sfft.irfft((spec[0] + 1j * spec[1]) * gain_fn(f), n)
+    drawn directly (independent complex Gaussian bins), which is what the FFT of white noise is: one inverse FFT,
+    in single precision, at the next fast FFT length (a clip of a prime number of samples would otherwise cost
+    ten times as much); the noise is stationary, so cutting it to `n` samples changes nothing but its length."""
+    L = _fft_len(n)
+    f = _rfreqs(L, sr)
+    spec = _noise(rng, (len(f), 2)).view(np.complex64)[:, 0]
+    y = sfft.irfft(spec * np.asarray(gain_fn(f), np.float32), L)[:n]
     return y / (_rms(y) + 1e-12)
+
+def _pow8(x): x = x * x; x = x * x; return x * x     # x ** 8 by squaring: a general power is several times slower
 
 def _colored(rng, n, slope_db_oct=-3.0, lo=20.0, hi=None, sr=SR):
     "Noise with a spectral slope (0 white, -3 pink, -6 brown) between `lo` and `hi` Hz (24 dB/octave skirts, no brick walls)."
@@ -85,7 +122,7 @@ def _colored(rng, n, slope_db_oct=-3.0, lo=20.0, hi=None, sr=SR):
     def g(f):
         fc = np.maximum(f, lo)
         mag = (fc / 1000.0) ** (slope_db_oct / 6.02)
-        return mag / np.sqrt(1 + (lo / np.maximum(f, 1e-3)) ** 8) / np.sqrt(1 + (f / hi) ** 8)
+        return mag / np.sqrt((1 + _pow8(lo / np.maximum(f, 1.0))) * (1 + _pow8(f / hi)))
     return _spectral_noise(rng, n, g, sr)
 
 def _band(rng, n, lo, hi, sr=SR, order=2.0):
@@ -95,15 +132,28 @@ def _band(rng, n, lo, hi, sr=SR, order=2.0):
     return _spectral_noise(rng, n, g, sr)
 
 def _eq(x, gain_fn, sr=SR):
-    "Filter `x` with the zero-phase magnitude response `gain_fn(freqs_hz)`."
+    """Filter `x` with the zero-phase magnitude response `gain_fn(freqs_hz)`, in single precision; `x` is
+    zero-padded to the next fast FFT length, which also keeps the filter's tails from wrapping around."""
     n = len(x)
-    f = np.fft.rfftfreq(n, 1 / sr)
-    return sfft.irfft(sfft.rfft(x) * gain_fn(f), n)
+    L = _fft_len(n)
+    X = sfft.rfft(np.asarray(x, np.float32), L)
+    return sfft.irfft(X * np.asarray(gain_fn(_rfreqs(L, sr)), np.float32), L)[:n]
 
 def _lowpass(x, fc, sr=SR, order=2.0): return _eq(x, lambda f: 1 / np.sqrt(1 + (f / fc) ** (2 * order)), sr)
 def _highpass(x, fc, sr=SR, order=2.0): return _eq(x, lambda f: 1 / np.sqrt(1 + (fc / np.maximum(f, 1e-3)) ** (2 * order)), sr)
 
 _TABLE = 4096
+_TWO_PI = np.float32(2 * np.pi)
+
+def _frac(c):
+    "The fractional part of the phase `c` (in cycles), as float32: phases are reduced to one cycle in float64 first."
+    c = np.asarray(c, dtype=np.float64)
+    return (c - np.floor(c)).astype(np.float32)
+
+def _sin_cycles(c):
+    """sin(2π c) for a phase `c` in cycles. Reduced to one cycle, the sine is taken in float32, which numpy
+    vectorises (more than ten times faster than a float64 sine of a large angle); the phase itself stays exact."""
+    return np.sin(_TWO_PI * _frac(c))
 
 def _tone(freq, amps=(1.0,), sr=SR, phase0=0.0):
     """A harmonic tone following the frequency track `freq` (Hz, scalar or per sample); `amps[k]` weighs
@@ -112,11 +162,14 @@ def _tone(freq, amps=(1.0,), sr=SR, phase0=0.0):
     cyc = np.cumsum(freq) / sr + phase0 / (2 * np.pi)          # phase in cycles
     amps = [a for k, a in enumerate(amps, 1) if k * freq.max() < sr / 2 - 100]
     if len(amps) <= 2:
-        return sum(a * np.sin(2 * np.pi * k * cyc) for k, a in enumerate(amps, 1) if a) + 0 * cyc
+        return sum(a * _sin_cycles(k * cyc) for k, a in enumerate(amps, 1) if a) + np.zeros(len(cyc), np.float32)
     # many harmonics: one period in a wavetable, read with linear interpolation
     ph = 2 * np.pi * np.arange(_TABLE + 1) / _TABLE
-    table = sum(a * np.sin(k * ph) for k, a in enumerate(amps, 1))
-    return np.interp((cyc % 1.0) * _TABLE, np.arange(_TABLE + 1), table)
+    table = sum(a * np.sin(k * ph) for k, a in enumerate(amps, 1)).astype(np.float32)
+    slope = np.append(np.diff(table), np.float32(0))
+    pos = _frac(cyc) * np.float32(_TABLE)
+    i = pos.astype(np.int32)
+    return table[i] + (pos - i) * slope[i]
 
 def _ar_env(n, attack, release, sr=SR, hold=None):
     "An attack / (hold) / exponential-release envelope of `n` samples (times in seconds)."
@@ -132,8 +185,8 @@ def _ring(rng, n, freqs, decays, amps=None, sr=SR):
     t = np.arange(n) / sr
     amps = np.ones(len(freqs)) if amps is None else np.asarray(amps, float)
     ph = rng.uniform(0, 2 * np.pi, len(freqs))
-    return (amps[:, None] * np.exp(-t[None] / np.asarray(decays)[:, None])
-            * np.sin(2 * np.pi * np.asarray(freqs)[:, None] * t[None] + ph[:, None])).sum(0)
+    return (amps[:, None] * np.exp((-t[None] / np.asarray(decays)[:, None]).astype(np.float32))
+            * _sin_cycles(np.asarray(freqs)[:, None] * t[None] + ph[:, None] / (2 * np.pi))).sum(0)
 
 def _place(dest, x, start):
     "Add `x` into `dest` at sample `start`, cropping what falls outside."
@@ -157,10 +210,10 @@ def _reverb(rng, x, rt60, wet=0.3, sr=SR):
     "Add a synthetic room: exponentially decaying noise impulse response with reverberation time `rt60` (s)."
     n_ir = int(min(rt60 / 2, 1.0) * sr)     # the tail after RT60/2 is 30 dB down: inaudible under the direct sound
     t = np.arange(n_ir) / sr
-    ir = rng.standard_normal(n_ir) * np.exp(-6.9 * t / rt60)
+    ir = _noise(rng, n_ir) * np.exp(np.float32(-6.9 / rt60) * t.astype(np.float32))
     ir = _lowpass(ir, 5000, sr)
     ir /= np.sqrt(np.sum(ir ** 2)) + 1e-12
-    y = signal.fftconvolve(x, ir)[:len(x)]
+    y = signal.fftconvolve(np.asarray(x, np.float32), ir)[:len(x)]
     return (1 - wet) * x + wet * y * (_rms(x) / (_rms(y) + 1e-12))
 
 # %% ../nbs/03a_synth.ipynb #20a0eb4e
@@ -191,7 +244,7 @@ def _istft(X, n):
 
 def _edge(a):
     "Pad a per-frame array (T, ...) with its end values to the `_stft` frame count."
-    return np.pad(a, [(_OFF, _OFF)] + [(0, 0)] * (a.ndim - 1), mode="edge")
+    return np.concatenate([a[:1]] * _OFF + [a] + [a[-1:]] * _OFF)
 
 _FREQS32 = _FREQS.astype(np.float32)
 _F2 = _FREQS32 ** 2
@@ -200,17 +253,20 @@ def _formant_env(F, B):
     "Magnitude (T, bins) of a cascade of 2-pole resonators with centre frequencies `F` and bandwidths `B` (T, K)."
     F, B = np.asarray(F, np.float32), np.asarray(B, np.float32)
     env = np.ones((len(F), len(_F2)), np.float32)
-    f = np.sqrt(_F2)
+    d, b = np.empty_like(env), np.empty_like(env)   # in place: this runs for every frame of every voice
     for k in range(F.shape[1]):
-        Fk2, Bk = (F[:, k] ** 2)[:, None], B[:, k][:, None]
-        env *= Fk2 / np.sqrt((Fk2 - _F2) ** 2 + (Bk * f) ** 2)
+        Fk2 = (F[:, k] ** 2)[:, None]
+        np.subtract(Fk2, _F2, out=d); d *= d                        # (F_k^2 - f^2)^2
+        np.multiply(B[:, k][:, None], _FREQS32, out=b); b *= b      # (B_k f)^2
+        d += b; np.sqrt(d, out=d); np.divide(Fk2, d, out=d)
+        env *= d
     return env
 
 def _pulse_train(rng, f0, jitter=0.01, shimmer=0.05, tilt=0.9):
     "Glottal excitation for the per-sample pitch track `f0`: one pulse per period, low-pass shaped (-6 dB/octave)."
     n = len(f0)
     wobble = _smooth(rng.standard_normal(n // 64 + 2), 3)
-    f0 = f0 * (1 + jitter * np.interp(np.arange(n), np.arange(len(wobble)) * 64, wobble))
+    f0 = f0 * (1 + jitter * _upsample(wobble, 64, n))
     phase = np.cumsum(np.maximum(f0, 1.0) / SR)
     idx = np.flatnonzero(np.diff(np.floor(phase), prepend=0.0) > 0)
     src = np.zeros(n)
@@ -229,7 +285,7 @@ def _vocal(rng, n, f0, F, B=None, voice=None, asp=None, fric=None, fric_fc=None,
     voice, asp, fric = tr(voice, 1.0), tr(asp, 0.0), tr(fric, 0.0)
     B = np.maximum(0.08 * F, 60.0) if B is None else B
     env = _formant_env(F, B)
-    f0s = np.interp(np.arange(n), np.arange(T) * _HOP, np.broadcast_to(np.asarray(f0, float), (T,)))
+    f0s = _upsample(np.broadcast_to(np.asarray(f0, float), (T,)), _HOP, n)
     X = _stft(_pulse_train(rng, f0s, jitter, shimmer, tilt)) * _edge(env * voice[:, None])
     if asp.any() or fric.any():
         shape = asp[:, None] * env * np.float32(0.6)
@@ -237,8 +293,8 @@ def _vocal(rng, n, f0, F, B=None, voice=None, asp=None, fric=None, fric_fc=None,
             fc, bw = tr(fric_fc, 4000.0), np.maximum(tr(fric_bw, 1500.0), np.float32(100.0))
             shape = shape + fric[:, None] * np.float32(1.2) * np.exp(np.float32(-0.5) * ((_FREQS32[None] - fc[:, None]) / bw[:, None]) ** 2)
         # white noise drawn directly in the STFT domain (same statistics as the STFT of unit white noise) * 0.05
-        noise = rng.standard_normal((2,) + X.shape, dtype=np.float32) * np.float32(0.05 * np.sqrt((_WIN ** 2).sum() / 2))
-        X = X + (noise[0] + 1j * noise[1]) * _edge(shape)
+        noise = _noise(rng, X.shape + (2,)).view(np.complex64)[..., 0]
+        X = X + noise * (_edge(shape) * np.float32(0.05 * np.sqrt((_WIN ** 2).sum() / 2)))
     return _istft(X, n)
 
 # %% ../nbs/03a_synth.ipynb #fe50b959
@@ -305,18 +361,19 @@ def _random_voice(rng, kind="male"):
 
 def _phone_tracks(rng, phones, voice):
     "Per-frame synthesis tracks for a list of phone names (see `PHONES`)."
-    F, amp = [], []   # formants (3,) per frame (nan = take from the neighbours) and (voice, asp, fric, fc, bw)
+    F, amp = [], []   # per phone: formants (frames, 3) (nan = take from the neighbours) and (voice, asp, fric, fc, bw)
     fr = lambda ms: max(2, int(round(ms / 1000 / voice.rate * rng.uniform(0.85, 1.15) * SR / _HOP)))
     nan3 = (np.nan, np.nan, np.nan)
-    def add(k, f, v=0.0, a=0.0, fric=0.0, fc=4000.0, bw=1500.0):
-        for i in range(k):
-            F.append(f(i / max(k - 1, 1)) if callable(f) else f)
-            amp.append((v, a, fric, fc, bw))
+    def add(k, f, v=0.0, a=0.0, fric=0.0, fc=4000.0, bw=1500.0, f_end=None):
+        "`k` frames of formants `f` (gliding linearly to `f_end` if given) and constant source levels."
+        f = np.asarray(f, float)
+        u = np.arange(k)[:, None] / max(k - 1, 1)
+        F.append(f + u * (np.asarray(f_end, float) - f) if f_end is not None else np.broadcast_to(f, (k, 3)))
+        amp.append(np.broadcast_to(np.array([v, a, fric, fc, bw], float), (k, 5)))
     for ph in phones:
         kind, spec, ms = PHONES[ph]
         if kind == "V": add(fr(ms), spec, v=1.0, a=voice.breath)
-        elif kind == "D": add(fr(ms), lambda u, s=spec: tuple(np.add(np.multiply(1 - u, s[0]), np.multiply(u, s[1]))),
-                             v=1.0, a=voice.breath)
+        elif kind == "D": add(fr(ms), spec[0], f_end=spec[1], v=1.0, a=voice.breath)
         elif kind == "A": add(fr(ms), spec, v=0.75, a=voice.breath / 2)
         elif kind == "N": add(fr(ms), spec, v=0.45)
         elif kind == "F": add(fr(ms), nan3, a=0.05, fric=spec[2], fc=spec[0], bw=spec[1])
@@ -327,7 +384,7 @@ def _phone_tracks(rng, phones, voice):
             add(2, nan3, fric=spec[2] * 1.5, fc=spec[0], bw=spec[1])                   # release burst
             if kind == "P": add(fr(45), nan3, a=0.6)                                  # aspiration
         else: add(fr(ms), nan3)
-    F, amp = np.array(F, dtype=float), np.array(amp, dtype=float)
+    F, amp = np.concatenate(F), np.concatenate(amp)
     for k in range(3):  # consonants take the formants of the neighbouring sounds
         ok = ~np.isnan(F[:, k])
         F[:, k] = np.interp(np.arange(len(F)), np.flatnonzero(ok), F[ok, k]) if ok.any() else (500, 1500, 2500)[k]
@@ -678,7 +735,7 @@ def _engine(rng, n, f0, n_harm, rough, noise_lo, noise_hi, noise_level):
     "Engine: harmonics of the firing rate `f0` (per-sample track), uneven cylinders (AM), plus road/mechanical noise."
     amps = tuple(rng.uniform(0.3, 1.0) / k ** 0.7 for k in range(1, n_harm + 1))
     y = _tone(f0, amps)
-    y *= 1 + rough * np.sin(np.cumsum(2 * np.pi * f0 / 2 / SR) + rng.uniform(0, 6))
+    y *= 1 + rough * _sin_cycles(np.cumsum(f0 / 2 / SR) + rng.uniform(0, 6) / (2 * np.pi))
     return y / _rms(y) + noise_level * _band(rng, n, noise_lo, noise_hi)
 
 def _passby(rng, n, p=0.5):
@@ -737,7 +794,7 @@ def _r_helicopter(rng, n):
     t = np.arange(n) / SR
     ph = (t * rate) % 1
     slap = np.exp(-0.5 * ((ph - 0.5) / 0.08) ** 2)
-    y = _lowpass(rng.standard_normal(n), rng.uniform(300, 800)) * slap * 2.5
+    y = _lowpass(_noise(rng, n), rng.uniform(300, 800)) * slap * 2.5
     y += 0.3 * _colored(rng, n, -6, 20, 2000)
     y += 0.05 * _tone(np.full(n, rng.uniform(1500, 3000)), (1.0,))
     level, _ = _passby(rng, n, 0.5)
@@ -851,7 +908,7 @@ def _r_sawing(rng, n):
     t = np.arange(n) / SR
     stroke = np.abs(np.sin(np.pi * t / per)) ** 0.7 * (0.7 + 0.3 * (np.sin(2 * np.pi * t / per) > 0))
     teeth = rng.uniform(100, 300)
-    rasp = 1 + 0.8 * np.sign(np.sin(2 * np.pi * np.cumsum(teeth * (0.5 + stroke)) / SR))
+    rasp = 1 + 0.8 * np.sign(_sin_cycles(np.cumsum(teeth * (0.5 + stroke)) / SR))
     return _band(rng, n, rng.uniform(1200, 2000), rng.uniform(5000, 7500)) * stroke * rasp
 
 def _r_drill(rng, n):
@@ -890,7 +947,7 @@ def _r_wind(rng, n):
     g = _gusts(rng, n, rng.uniform(0.5, 0.9), rng.uniform(0.3, 1.0))
     y = _colored(rng, n, -6, 20, rng.uniform(400, 1500)) * g
     fw = rng.uniform(400, 1200) * (0.8 + 0.4 * g)
-    y += 0.08 * _tone(fw * (1 + 0.01 * _smooth(rng.standard_normal(n), 400)), (1.0,)) * g ** 2
+    y += 0.08 * _tone(fw * (1 + 0.01 * _smooth(_noise(rng, n), 400)), (1.0,)) * g ** 2
     return y
 
 def _r_leaves(rng, n):
@@ -1145,7 +1202,7 @@ def _class_labels_csv() -> str:
     return "index,mid,display_name\n" + "".join(f'{k},{m},"{n}"\n' for k, m, n in synth_class_labels())
 
 # %% ../nbs/03a_synth.ipynb #db7af68f
-SYNTH_VERSION = 2   # bump when the generator changes what it writes: cached worlds are then rebuilt
+SYNTH_VERSION = 3   # bump when the generator changes what it writes: cached worlds are then rebuilt
 
 CITIES = ["amsterdam", "barcelona", "helsinki", "lisbon", "london", "lyon", "madrid", "milan", "prague", "paris", "stockholm", "vienna"]
 DEVICES = ["a", "b", "c", "s1", "s2", "s3", "s4", "s5", "s6"]
@@ -1405,11 +1462,12 @@ def _apply_device(rng, y, p):
     "Record `y` with device parameters `p`: band limits, resonances (dB peaks on a log-frequency axis), noise, soft clipping."
     def g(f):
         f = np.maximum(f, 1.0)
-        gain = 1 / np.sqrt(1 + (p["hp"] / f) ** 4) / np.sqrt(1 + (f / p["lp"]) ** 8)
-        for fc, db, width in p["peaks"]:
-            gain = gain * _db(db * np.exp(-0.5 * (np.log2(f / fc) / (0.5 * width)) ** 2))
+        gain = 1 / np.sqrt((1 + np.square(np.square(p["hp"] / f))) * (1 + _pow8(f / p["lp"])))
+        lf = np.log2(f)
+        for fc, db, width in p["peaks"]:   # dB peaks: 10 ** (dB / 20) = exp(dB * ln(10) / 20)
+            gain = gain * np.exp(np.float32(db * np.log(10) / 20) * np.exp(np.float32(-0.5 / (0.5 * width) ** 2) * np.square(lf - np.float32(np.log2(fc)))))
         return gain
-    y = _eq(y, g) + _db(p["noise"]) * rng.standard_normal(len(y))
+    y = _eq(y, g) + np.float32(_db(p["noise"])) * _noise(rng, len(y))
     if p["drive"] > 0:
         d = 1 + p["drive"]
         y = np.tanh(d * y) / np.tanh(d)

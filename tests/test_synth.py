@@ -233,3 +233,11 @@ def test_shipped_ontology_is_cut_from_the_real_one(audioset_meta):
     assert all(counts.values()) and counts["all"] == len(SYNTH_CLASSES)
     assert counts["nonhuman"] <= counts["animal"] + counts["naturalsounds"] + counts["things"]
     assert {"/m/020bb7", "/m/04s8yn", "/m/0h0rv", "/m/09d5_"} <= set(subset_classes("animal", onto, labels))
+
+
+def test_the_synth_command_does_not_import_torch():
+    "`audiotl synth` needs numpy, scipy and soundfile only; loading torch would add two seconds to every generation."
+    import subprocess, sys
+    code = "import sys, audiotl_nb.cli, audiotl_nb.synth; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
