@@ -51,7 +51,7 @@ class BuildError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding the notebooks: the same files, order and sections as nbdev's sidebar.yml for Quarto
+# Finding the notebooks: the same files, order and sections as the sidebar.yml Quarto renders
 # ----------------------------------------------------------------------------------------------
 @functools.cache
 def _nbdev_config():
@@ -59,9 +59,28 @@ def _nbdev_config():
     return get_config()
 
 
+def _custom_sidebar_order(nbs: Path) -> list[str] | None:
+    """The notebooks of `nbs/sidebar.yml`, in its order, when nbdev is told the sidebar is written by hand
+    (`custom_sidebar = true`); None when nbdev generates it."""
+    from fastcore.basics import str2bool
+    if not str2bool(_nbdev_config().get("custom_sidebar", False)) or not (nbs / "sidebar.yml").is_file(): return None
+    import yaml
+    out = []
+    def walk(items):
+        for it in items:
+            if isinstance(it, str): out.append(it)
+            elif isinstance(it, dict):
+                if isinstance(it.get("href"), str): out.append(it["href"])
+                walk(it.get("contents", []))
+    walk(yaml.safe_load((nbs / "sidebar.yml").read_text())["website"]["sidebar"]["contents"])
+    return [f for f in out if f.endswith(".ipynb")]
+
+
 def find_notebooks(nbs: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
-    """Notebooks under `nbs` in nbdev's sidebar order: `index` first, then files by name, then each
-    sub-folder (a sidebar section) the same way. Folders and files starting with `_` or `.` are skipped."""
+    """Notebooks under `nbs` in the sidebar's order. With a hand-written sidebar (`custom_sidebar = true`), the
+    order of `nbs/sidebar.yml`, which must list every notebook once; otherwise nbdev's generated order: `index`
+    first, then files by name, then each sub-folder (a sidebar section) the same way. Folders and files
+    starting with `_` or `.` are skipped."""
     nbs = Path(nbs)
     files = []
     for p in nbs.rglob("*.ipynb"):
@@ -69,6 +88,12 @@ def find_notebooks(nbs: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
         if any(part.startswith(("_", ".")) for part in rel.parts): continue
         if any(rel.match(g) or str(rel).startswith(g.rstrip("/") + "/") for g in exclude): continue
         files.append(rel)
+    listed = _custom_sidebar_order(nbs)
+    if listed is not None:
+        on_disk = {r.as_posix() for r in files}
+        missing = sorted(on_disk - set(listed))
+        if missing: raise BuildError(f"nbs/sidebar.yml does not list {', '.join(missing)}: add them where readers should find them")
+        return [nbs / f for f in listed if f in on_disk]
     def key(rel: Path):
         return (rel.parent.parts, "00" if rel.name.startswith("index.") else rel.name)
     return [nbs / r for r in sorted(files, key=key)]
