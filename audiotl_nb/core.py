@@ -131,8 +131,9 @@ def _mps_ok() -> bool:
     import torch
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
-def get_device(device: str | torch.device | None = None) -> torch.device:
-    "Resolve `device` ('auto', 'cpu', 'cuda', 'cuda:1', 'mps'; env `AUDIOTL_DEVICE`) to a `torch.device`."
+def get_device(device=None):
+    """Resolve `device` (a `torch.device`, or a name: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'; None reads env
+    `AUDIOTL_DEVICE`, then 'auto') to a `torch.device`."""
     import torch
     if isinstance(device, torch.device): return device
     device = device or os.environ.get("AUDIOTL_DEVICE") or "auto"
