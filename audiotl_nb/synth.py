@@ -105,7 +105,8 @@ def _fft_len(n):
 
 def _spectral_noise(rng, n, gain_fn, sr=SR):
     """Gaussian noise with magnitude response `gain_fn(freqs_hz)`, scaled to unit RMS. The random spectrum is
-    drawn directly (independent complex Gaussian bins), which is what the FFT of white noise is: one inverse FFT,
+    drawn directly, as independent bins of equal power (uniform real and imaginary parts, see `_noise`: the
+    inverse FFT sums them into Gaussian samples), which is what the FFT of white noise is: one inverse FFT,
     in single precision, at the next fast FFT length (a clip of a prime number of samples would otherwise cost
     ten times as much); the noise is stationary, so cutting it to `n` samples changes nothing but its length."""
     L = _fft_len(n)
@@ -292,7 +293,7 @@ def _vocal(rng, n, f0, F, B=None, voice=None, asp=None, fric=None, fric_fc=None,
         if fric.any():
             fc, bw = tr(fric_fc, 4000.0), np.maximum(tr(fric_bw, 1500.0), np.float32(100.0))
             shape = shape + fric[:, None] * np.float32(1.2) * np.exp(np.float32(-0.5) * ((_FREQS32[None] - fc[:, None]) / bw[:, None]) ** 2)
-        # white noise drawn directly in the STFT domain (same statistics as the STFT of unit white noise) * 0.05
+        # white noise drawn directly in the STFT domain (the same power per bin as the STFT of unit white noise) * 0.05
         noise = _noise(rng, X.shape + (2,)).view(np.complex64)[..., 0]
         X = X + noise * (_edge(shape) * np.float32(0.05 * np.sqrt((_WIN ** 2).sum() / 2)))
     return _istft(X, n)
