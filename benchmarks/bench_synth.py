@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check-determinism", action="store_true", help="at least two generations (they are compared byte by byte)")
     ap.add_argument("--out", default=str(RESULTS / "synth.json"))
     a = ap.parse_args(argv)
+    if a.repeat < 1: ap.error(f"--repeat must be at least 1, got {a.repeat}")
     repeat = max(a.repeat, 2 if a.check_determinism else 1)
     info = machine_info()
     runs, digests = [], []
